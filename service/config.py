@@ -1,0 +1,29 @@
+"""Engine configuration: a frozen dataclass built once at the edge (CLI / env) and passed down."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    kv_cache_memory: int = 1 << 30        # bytes for this engine's K/V pool
+    block_size: int = 16
+    max_model_len: int | None = None      # None: min(model context, KV capacity in tokens)
+    max_num_seqs: int = 64                # running batch cap
+    max_num_batched_tokens: int = 1024    # per-step token budget (chunked prefill)
+    max_queue: int = 1024                 # waiting requests beyond this are refused
+    request_timeout: float | None = None  # seconds from arrival; None = no limit
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("block_size", self.block_size >= 1, ">= 1"),
+            ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
+            ("max_queue", self.max_queue >= 0, ">= 0"),
+            ("max_model_len", self.max_model_len is None or self.max_model_len >= 1, ">= 1"),
+            ("request_timeout", self.request_timeout is None or self.request_timeout > 0, "> 0"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range: must be {allowed}")
