@@ -61,9 +61,10 @@ def valid_kv_heads(n_heads: int) -> list[int]:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # A few layers of random weights: what most tests run on.
+    # A few layers of random weights: what most tests run on. Its vocab is the byte-level
+    # tokenizer of `model.tokenizer.byte_tokenizer()` (3 specials + 256 bytes).
     "tiny": ModelConfig(
-        vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+        vocab_size=259, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
         rope_theta=10000.0, max_seq_len=512,
     ),
     "smollm2-135m": ModelConfig(

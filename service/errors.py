@@ -1,0 +1,18 @@
+"""Errors a caller of the engine can see; the API maps each to an HTTP status."""
+from __future__ import annotations
+
+
+class RequestError(ValueError):
+    """The request can never be served as asked (400). `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at --max-queue (503 with Retry-After)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop is not running: stopped, draining or crashed (503)."""
