@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvcache.manager import KVCacheUsage
+
 
 class EngineObserver:
     def on_step(self, *, phase: str, duration_s: float, num_tokens: int, num_seqs: int) -> None:
@@ -31,22 +33,10 @@ class EngineObserver:
 
 
 @dataclass(frozen=True, slots=True)
-class KVCacheStats:
-    num_blocks: int            # usable blocks (the null block excluded)
-    free_blocks: int           # never used or evictable
-    used_blocks: int           # referenced by at least one sequence
-    cached_blocks: int         # free but still holding a hashed full block (reusable until evicted)
-    stored_tokens: int         # tokens whose K/V live in used blocks (shared blocks counted once)
-    empty_slots: int           # allocated slots that hold no token yet (internal fragmentation)
-    prefix_queries_tokens: int  # cumulative
-    prefix_hits_tokens: int     # cumulative
-
-
-@dataclass(frozen=True, slots=True)
 class EngineStats:
     num_running: int
     num_waiting: int
-    kv: KVCacheStats
+    kv: KVCacheUsage
     bytes_per_token: int
     bytes_per_block: int
     block_size: int

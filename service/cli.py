@@ -1,0 +1,209 @@
+"""`kvserve`: the command line. `serve` runs the HTTP server, `generate` one prompt offline,
+`bench` hands everything after it to benchmarks.cli.
+
+Every `serve` option can also come from the environment as KVSERVE_<OPTION> (upper case, dashes
+as underscores: --kv-cache-memory -> KVSERVE_KV_CACHE_MEMORY); the command line wins. A bad value,
+from either, is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+_BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_VARIANT = re.compile(r"native|mha|mqa|gqa-[0-9]+")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line: `kvserve serve: error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be in [{lo}, {hi}]" if hi is not None
+                                             else f"{value} is out of range: must be >= {lo}")
+        return value
+    return parse
+
+
+def _seconds(allow_zero: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {'>= 0' if allow_zero else '> 0'} seconds")
+        return value
+    return parse
+
+
+def _size(text: str) -> int:
+    from kvcache.kv_cache import parse_bytes
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(","))
+    for name in names:
+        if not _VARIANT.fullmatch(name):
+            raise argparse.ArgumentTypeError(f"invalid variant {name!r}: use native, mha, mqa or gqa-N, comma-separated")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a variant twice")
+    return names
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny (random, for tests) or a path "
+                   "to a .gguf file or a Hugging Face directory")
+    p.add_argument("--variants", type=_variants, default=("native",),
+                   help="comma list of attention variants served side by side: native, mha, gqa-N, mqa")
+    p.add_argument("--attention", choices=("flash", "sdpa", "naive"), default="flash")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bfloat16 where the CPU (AVX-512/AMX with bf16) or GPU does it well, else float32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--kv-cache-memory", type=_size, default=_size("1GiB"), help="KV pool per variant, e.g. 512MiB")
+    p.add_argument("--block-size", type=_int_at_least(1), default=16)
+    p.add_argument("--max-model-len", type=_int_at_least(1), default=None,
+                   help="default: min(model context, KV capacity in tokens)")
+    p.add_argument("--max-num-seqs", type=_int_at_least(1), default=64)
+    p.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=1024)
+    p.add_argument("--max-queue", type=_int_at_least(0), default=1024,
+                   help="waiting requests per variant beyond which new ones get 503")
+    p.add_argument("--request-timeout", type=_seconds(allow_zero=False), default=None)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /generate, "
+                   "/tokenize, /detokenize")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="0 picks a free port (logged)")
+    p.add_argument("--shutdown-timeout", type=_seconds(allow_zero=True), default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--no-prefix-caching", action="store_true", default=False)
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+
+def env_defaults(parser: argparse.ArgumentParser, environ) -> dict:
+    """Defaults from KVSERVE_* variables, converted and checked like the command line's values."""
+    values = {}
+    for action in parser._actions:
+        long = next((o for o in action.option_strings if o.startswith("--")), None)
+        if long is None or action.dest == "help":
+            continue
+        var = "KVSERVE_" + long[2:].upper().replace("-", "_")
+        if var not in environ:
+            continue
+        text = environ[var]
+        try:
+            if isinstance(action, argparse._StoreTrueAction):
+                if text.strip().lower() not in _BOOL:
+                    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+                value = _BOOL[text.strip().lower()]
+            else:
+                value = action.type(text) if action.type else text
+                if action.choices is not None and value not in action.choices:
+                    raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(action.choices)}")
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{var}: {exc}")
+        values[action.dest] = value
+    return values
+
+
+def auto_dtype(device: str) -> str:
+    """bfloat16 where it is fast (CPU with AVX-512 / AMX bf16 instructions, or a CUDA GPU with bf16), else float32."""
+    import torch
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if ("AVX512" in capability or "AMX" in capability) and _cpu_has_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return True
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def serve_options(args: argparse.Namespace):
+    """The frozen ServeOptions a parsed `serve` command line means (ValueError on impossible combinations)."""
+    import torch
+    from service.config import EngineConfig
+    from service.server import ServeOptions
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (this torch build or machine has none)")
+    engine = EngineConfig(
+        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_queue=args.max_queue, request_timeout=args.request_timeout,
+        enable_prefix_caching=not args.no_prefix_caching)
+    return ServeOptions(
+        model=args.model, variants=tuple(args.variants), attention=args.attention,
+        dtype=auto_dtype(args.device) if args.dtype == "auto" else args.dtype, device=args.device, engine=engine,
+        api_key=args.api_key or None, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level)
+
+
+def build_parser(environ=None) -> argparse.ArgumentParser:
+    """`kvserve` with its `serve` subcommand; `generate` and `bench` are listed here and parsed by their
+    owners (model.generate, benchmarks.cli), so serving never imports them."""
+    parser = _Parser(prog="kvserve", description="LLM inference microservice with a paged KV cache")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API, /generate, /metrics)")
+    add_serve_args(serve)
+    serve.set_defaults(**env_defaults(serve, os.environ if environ is None else environ))
+    sub.add_parser("generate", help="generate from one prompt without the server: kvserve generate --help",
+                   add_help=False)
+    sub.add_parser("bench", help="load tests and benchmarks: kvserve bench --help", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser owns every option after the word
+        from benchmarks.cli import main as bench_main
+        return bench_main(argv[1:]) or 0
+    if argv[:1] == ["generate"]:
+        from model.generate import add_generate_args, run_generate
+        parser = _Parser(prog="kvserve generate", description="generate from one prompt without the server")
+        add_generate_args(parser)
+        return run_generate(parser.parse_args(argv[1:])) or 0
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.server import build_state, run
+    try:
+        opts = serve_options(args)
+        state = build_state(opts)
+    except (ValueError, FileNotFoundError) as exc:  # bad model, variant, KV budget or max_model_len
+        print(f"kvserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    return run(state, opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

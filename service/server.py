@@ -1,0 +1,187 @@
+"""Serving: build one engine per attention variant, run uvicorn, drain on SIGTERM.
+
+`ServeOptions` is the frozen configuration the CLI builds; `build_state` loads the checkpoint once
+and derives each variant from it (weights that do not change are shared, not copied), giving each
+its own engine and KV pool of the same byte budget; `serve` runs the HTTP server until a signal.
+On SIGTERM / SIGINT the server keeps listening but admits nothing (503, /health 503), lets the
+in-flight requests finish within `shutdown_timeout`, aborts what is left, and returns 0. A second
+signal exits at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import uvicorn
+
+from service.config import EngineConfig
+from service.engine import Engine
+from service.metrics import ServerMetrics
+
+log = logging.getLogger("kvserve.server")
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    model: str = "smollm2-135m"
+    variants: tuple[str, ...] = ("native",)
+    attention: str = "flash"
+    dtype: str = "float32"           # resolved: float32 | bfloat16
+    device: str = "cpu"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What the HTTP handlers share: the engines by variant (the first is the default), the tokenizer,
+    metrics, the API key and whether the server is draining."""
+    model_name: str
+    engines: dict[str, Engine]
+    tokenizer: object
+    metrics: ServerMetrics
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def default_variant(self) -> str:
+        return next(iter(self.engines))
+
+    def model_ids(self) -> list[str]:
+        return [f"{self.model_name}:{variant}" for variant in self.engines]
+
+    def route(self, model: str | None) -> str:
+        """The variant a request's `model` names: `<model>:<variant>`, or the bare model name (or
+        nothing) for the first variant. LookupError for anything else."""
+        if model is None or model == self.model_name:
+            return self.default_variant
+        name, sep, variant = model.rpartition(":")
+        if sep and name == self.model_name and variant in self.engines:
+            return variant
+        raise LookupError(f"model {model!r} does not exist; available: {', '.join(self.model_ids())} "
+                          f"(or {self.model_name!r} for {self.model_ids()[0]!r})")
+
+    def all_alive(self) -> bool:
+        return all(engine.is_alive for engine in self.engines.values())
+
+
+def served_model_name(source: str) -> str:
+    """'tiny' and 'smollm2-135m' as given; a path by its file or directory name without extension."""
+    from pathlib import Path
+    path = Path(source)
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name or source
+
+
+def build_state(opts: ServeOptions) -> ServerState:
+    """Load the checkpoint once and build one started engine per variant. ValueError on bad options."""
+    from model.loader import load_base
+    from model.variants import with_variant
+
+    dtype = getattr(torch, opts.dtype)
+    base, tokenizer = load_base(opts.model, dtype=dtype, device=opts.device, attention=opts.attention)
+    metrics = ServerMetrics()
+    engines: dict[str, Engine] = {}
+    name = served_model_name(opts.model)
+    for variant in opts.variants:
+        model = base if variant == "native" else with_variant(base, variant)
+        engine = Engine(model, tokenizer, opts.engine, name=variant, observer=metrics.observer(variant))
+        cfg = model.config
+        metrics.track(variant, engine.stats, {
+            "model": name, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "n_layers": cfg.n_layers, "dtype": opts.dtype, "attention": opts.attention,
+            "block_size": engine.layout.block_size})
+        engines[variant] = engine
+        log.info(footprint_line(engine))
+    return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key)
+
+
+def footprint_line(engine: Engine) -> str:
+    """One start-up log line: the KV footprint of a variant."""
+    s = engine.stats()
+    cfg = engine.model.config
+    return (f"variant {engine.name}: n_heads={cfg.n_heads} n_kv_heads={cfg.n_kv_heads} head_dim={cfg.head_dim} "
+            f"n_layers={cfg.n_layers} dtype={str(engine.model.dtype).removeprefix('torch.')} | "
+            f"KV {s.bytes_per_token} B/token, {s.bytes_per_block} B/block of {s.block_size} tokens, "
+            f"{s.kv.num_blocks} blocks = {s.capacity_tokens} tokens capacity in {s.kv_memory_bytes / 2**20:.1f} MiB; "
+            f"max_model_len={engine.max_model_len}")
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn that drains instead of stopping on the first SIGTERM / SIGINT."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
+        super().__init__(config)
+        self.state = state
+        self.shutdown_timeout = shutdown_timeout
+        self._deadline: float | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        # Not recording the signal: uvicorn would re-raise it after serving and the exit status
+        # would be the signal's, not 0.
+        if self.state.draining or not self.started:
+            self.should_exit = True
+            self.force_exit = self.state.draining
+            return
+        self.state.draining = True
+        self._deadline = time.monotonic() + self.shutdown_timeout
+        log.info("signal %s: draining %d in-flight requests (up to %gs); new requests get 503",
+                 sig, self._unfinished(), self.shutdown_timeout)
+
+    def _unfinished(self) -> int:
+        return sum(engine.num_unfinished for engine in self.state.engines.values())
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                log.info("kvserve listening on http://%s:%d", host, port)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._deadline is not None and not self.should_exit:
+            left = self._unfinished()
+            if left == 0 or time.monotonic() >= self._deadline:
+                if left:
+                    log.warning("shutdown timeout: aborting %d unfinished requests", left)
+                # stopping the engines ends whatever is left with finish_reason "abort", so every
+                # open response completes before uvicorn closes the connections
+                await asyncio.to_thread(stop_engines, self.state)
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def stop_engines(state: ServerState) -> None:
+    for engine in state.engines.values():
+        engine.shutdown(timeout=10.0)
+
+
+def run(state: ServerState, opts: ServeOptions) -> int:
+    """Start the engines and serve HTTP until a signal has drained the server. Returns the exit status."""
+    from service.api import create_app
+
+    for engine in state.engines.values():
+        engine.start()
+    config = uvicorn.Config(create_app(state), host=opts.host, port=opts.port, log_level=opts.log_level,
+                            access_log=opts.log_level == "debug", lifespan="off", timeout_graceful_shutdown=10)
+    try:
+        _DrainingServer(config, state, opts.shutdown_timeout).run()
+    finally:
+        stop_engines(state)
+    log.info("stopped")
+    return 0
+
+
+def serve(opts: ServeOptions) -> int:
+    return run(build_state(opts), opts)

