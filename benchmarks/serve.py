@@ -254,10 +254,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     percentiles = parse_percentiles(args.percentiles)
     load = LoadConfig(args.max_concurrency, args.request_rate, args.burstiness, args.seed, args.num_warmups,
                       not args.disable_tqdm, args.timeout)
-    datasets_check = build_requests(args, 1.0)  # bad dataset options fail before touching the server
+    requests = build_requests(args, 1.0)  # bad dataset options fail before touching the server
     model = args.model or list_models(base_url, args.api_key)[0]
     tokens_per_word = args.tokens_per_word or measure_tokens_per_word(base_url, model, args.api_key) or 1.0
-    requests = datasets_check if tokens_per_word == 1.0 else build_requests(args, tokens_per_word)
+    if tokens_per_word != 1.0:
+        requests = build_requests(args, tokens_per_word)
     target = Target(base_url, args.endpoint, model, args.api_key, args.ignore_eos, args.temperature)
     print(f"kvserve bench: {len(requests)} requests to {base_url}{args.endpoint} model={model} "
           f"concurrency={args.max_concurrency or 'unbounded'} rate={args.request_rate} "

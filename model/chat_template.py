@@ -108,5 +108,5 @@ def render_chat_template(source: str, messages, *, add_generation_prompt: bool =
         raise
     except jinja2.exceptions.TemplateError as exc:
         raise ChatTemplateError(f"chat template failed to render: {exc}") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+    except Exception as exc:  # a template is a program: any error in it is the template's error
         raise ChatTemplateError(f"chat template failed to render: {type(exc).__name__}: {exc}") from None

@@ -91,11 +91,7 @@ class GGUFCheckpoint:
     config: ModelConfig
 
     def field(self, key: str, default=_MISSING):
-        if key not in self.reader.fields:
-            if default is _MISSING:
-                raise ValueError(f"GGUF {self.path.name} lacks metadata key {key!r}")
-            return default
-        return self.reader.fields[key].contents()
+        return _read_field(self.reader, self.path, key, default)
 
     def state_dict(self, dtype: torch.dtype = torch.float32, *, progress: bool = True) -> dict[str, Tensor]:
         """Every tensor dequantized to `dtype`, under our names, Q/K rows in rotate-half order."""
@@ -160,15 +156,18 @@ class GGUFCheckpoint:
                          chat_template=self.field("tokenizer.chat_template", None))
 
 
-def _config_from_metadata(path: Path, reader: GGUFReader) -> ModelConfig:
-    fields = reader.fields
+def _read_field(reader: GGUFReader, path: Path, key: str, default=_MISSING):
+    """A metadata value; `default` when absent, or a one-line error when there is none."""
+    if key in reader.fields:
+        return reader.fields[key].contents()
+    if default is _MISSING:
+        raise ValueError(f"GGUF {path.name} lacks metadata key {key!r}")
+    return default
 
+
+def _config_from_metadata(path: Path, reader: GGUFReader) -> ModelConfig:
     def get(key: str, default=_MISSING):
-        if key in fields:
-            return fields[key].contents()
-        if default is _MISSING:
-            raise ValueError(f"GGUF {path.name} lacks metadata key {key!r}")
-        return default
+        return _read_field(reader, path, key, default)
 
     arch = get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:

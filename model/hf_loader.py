@@ -175,8 +175,8 @@ class HFCheckpoint:
         if "eos_token" not in special:
             raise ValueError(f"no eos_token in {self.path}: set it in tokenizer_config.json or generation_config.json")
 
-        # transformers rebuilds the post-processor from these flags when they are given.
-        if "add_bos_token" in tok_cfg or "add_eos_token" in tok_cfg or backend.post_processor is None:
+        # tokenizer.json's own post-processor says what encode adds; only without one do the flags.
+        if backend.post_processor is None:
             bos, eos = special.get("bos_token"), special["eos_token"]
             backend.post_processor = bos_eos_post_processor(
                 bos if tok_cfg.get("add_bos_token") else None, backend.token_to_id(bos) if bos else None,

@@ -6,9 +6,11 @@ prompt and output tokens), presence and frequency penalties (OpenAI semantics, o
 temperature, top_k, top_p, min_p, then sampling. Every step is a tensor op over all rows; the only
 Python loops are over the S rows (building penalty indices, drawing from per-request generators).
 
-Sampling uses the exponential race: argmax(p / q) with q ~ Exp(1) picks token i with probability
-p_i. A seeded request draws exactly one V-sized q per step from its own generator, so its tokens do
-not depend on which other requests share the batch. Unseeded rows share the sampler's generator.
+Sampling inverts the CDF with one uniform per row: a seeded request draws exactly one number per
+step from its own generator, so its tokens do not depend on which other requests share the batch
+(every per-row computation here reads that row only). Unseeded rows share the sampler's generator.
+One uniform per row, rather than the V exponentials per row of the exponential race, keeps random
+number generation from dominating the step on CPU.
 
 `processed_probs` is the pure function "the distribution a row samples from"; tests compare it to
 a float64 reference. This module does not own request state: the caller passes prompt and output
@@ -20,11 +22,16 @@ import itertools
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from model.sampling_params import SamplingParams
 from service.outputs import TokenLogprob
 
+# Tokens a top_p-only row sorts first; all of them only when the nucleus does not fit in these.
+CANDIDATES = 1024
+# Tokens per block of the two-level inverse CDF (49152 = 192 blocks).
+BLOCK = 256
 # Below this temperature a row is treated as greedy: dividing by a smaller value can overflow
 # float32 logits to inf and turn the softmax into NaN (vLLM uses the same cut-off).
 MIN_TEMPERATURE = 1e-5
@@ -45,83 +52,118 @@ def _has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _token_index(ids: list[Sequence[int]], vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(row, token id) of every token of every row, flattened: two (N,) int64 tensors.
+def _unique_tokens(ids: list[Sequence[int]], rows: list[int], vocab_size: int,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """Distinct (row, token) pairs of `ids[j]` in row `rows[j]`, as flat indices row * V + token,
+    and how often each occurs: two (N,) int64 tensors.
 
     Ids the logits have no column for (a tokenizer larger than the model's head) are skipped, as
     transformers does: the model cannot produce them, so there is nothing to penalize.
     """
-    lengths = torch.tensor([len(row) for row in ids], dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(ids)), lengths)
-    tokens = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
-    keep = tokens < vocab_size
-    return rows[keep].to(device), tokens[keep].to(device)
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    row = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)
+    token = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
+    flat = (row * vocab_size + token)[token < vocab_size]
+    keys, counts = torch.unique(flat, return_counts=True)
+    return keys.to(device), counts.to(device)
 
 
 def apply_penalties(logits: Tensor, params: Sequence[SamplingParams],
                     prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]]) -> None:
-    """In place on (S, V) float logits: repetition, then presence and frequency penalties."""
+    """In place on contiguous (S, V) float logits: repetition, then presence and frequency penalties.
+
+    Only the logits of tokens that occur are touched: work in the number of tokens, not S * V.
+    """
     S, V = logits.shape
+    flat = logits.view(-1)
+    dev, dtype = logits.device, logits.dtype
     rep_rows = [i for i in range(S) if params[i].repetition_penalty != 1.0]
     if rep_rows:
         # HF RepetitionPenaltyLogitsProcessor: a token seen anywhere (prompt or output) has its
         # logit divided by the penalty when positive, multiplied when negative.
-        seen = torch.zeros(len(rep_rows), V, dtype=torch.bool, device=logits.device)
-        r, t = _token_index([list(prompt_ids[i]) + list(output_ids[i]) for i in rep_rows], V, logits.device)
-        seen[r, t] = True
-        penalty = torch.tensor([params[i].repetition_penalty for i in rep_rows],
-                               dtype=logits.dtype, device=logits.device).unsqueeze(1)  # (R, 1)
-        sub = logits[rep_rows]                                                         # (R, V)
-        penalized = torch.where(sub < 0, sub * penalty, sub / penalty)
-        logits[rep_rows] = torch.where(seen, penalized, sub)
+        keys, _ = _unique_tokens([list(prompt_ids[i]) + list(output_ids[i]) for i in rep_rows], rep_rows, V, dev)
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=dtype, device=dev)[keys // V]
+        x = flat[keys]
+        flat[keys] = torch.where(x < 0, x * penalty, x / penalty)
 
     pf_rows = [i for i in range(S) if params[i].presence_penalty != 0.0 or params[i].frequency_penalty != 0.0]
     if pf_rows:
         # OpenAI: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty,
         # with count over the generated tokens only.
-        counts = torch.zeros(len(pf_rows), V, dtype=logits.dtype, device=logits.device)
-        r, t = _token_index([output_ids[i] for i in pf_rows], V, logits.device)
-        counts.index_put_((r, t), torch.ones_like(t, dtype=logits.dtype), accumulate=True)
-        freq = torch.tensor([params[i].frequency_penalty for i in pf_rows],
-                            dtype=logits.dtype, device=logits.device).unsqueeze(1)     # (R, 1)
-        pres = torch.tensor([params[i].presence_penalty for i in pf_rows],
-                            dtype=logits.dtype, device=logits.device).unsqueeze(1)
-        logits[pf_rows] -= counts * freq + (counts > 0).to(logits.dtype) * pres
+        keys, counts = _unique_tokens([output_ids[i] for i in pf_rows], pf_rows, V, dev)
+        freq = torch.tensor([p.frequency_penalty for p in params], dtype=dtype, device=dev)[keys // V]
+        pres = torch.tensor([p.presence_penalty for p in params], dtype=dtype, device=dev)[keys // V]
+        flat[keys] -= counts.to(dtype) * freq + pres
 
 
 def apply_filters(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     """(R, V) temperature-scaled logits -> the same with top_k / top_p / min_p losers at -inf.
 
-    top_k keeps every token tied with the k-th largest. top_p keeps the smallest prefix (by
-    descending probability) whose cumulative probability reaches top_p; the most likely token is
-    always kept. min_p drops tokens with p < min_p * p_max. A row whose filter is off is untouched,
-    bit for bit, so a row's result does not depend on its neighbours' settings.
+    top_k keeps the k largest logits; top_p then keeps the smallest prefix (by descending
+    probability, renormalized over what top_k kept) whose cumulative probability reaches top_p,
+    so the most likely token always stays; min_p drops tokens with p < min_p * p_max. Tokens tied
+    with a boundary token are all kept, so no result depends on how a sort orders ties.
+
+    Each filter comes down to one logit threshold per row (min_p: logit < max + log(min_p)), so
+    one masked_fill applies them all. Only the candidates above the top_k / top_p threshold are
+    sorted (a partial sort of CANDIDATES tokens; the whole row only when a flat distribution needs
+    it). Every per-row quantity is computed from that row alone, so a row's result does not depend
+    on its neighbours, and a row whose filters are off is untouched.
     """
     R, V = logits.shape
     dev = logits.device
     top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=dev)   # (R,)
-    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=dev)          # (R,)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=dev)         # (R,)
     min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=dev)          # (R,)
-    use_k, use_p, use_min_p = bool((top_k < V).any()), bool((top_p < 1).any()), bool((min_p > 0).any())
-
-    if use_k or use_p:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)                          # (R, V)
-        if use_k:
-            kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))                          # (R, 1)
-            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-        if use_p:
-            probs = sorted_logits.softmax(dim=-1)
-            # exclusive cumulative sum: the mass strictly before each token (0 for the best one)
-            before = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=1)
-            drop = (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
+    use_k_or_p, use_min_p = bool((top_k < V).any() | (top_p < 1).any()), bool((min_p > 0).any())
+    if not (use_k_or_p or use_min_p):
+        return logits
+    threshold = torch.full((R,), float("-inf"), dtype=logits.dtype, device=dev)              # (R,)
+    if use_k_or_p:
+        threshold = _top_k_top_p_threshold(logits, top_k, top_p)
     if use_min_p:
-        probs = logits.softmax(dim=-1)
-        threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)                  # (R, 1)
-        logits = logits.masked_fill(probs < threshold, float("-inf"))
-    return logits
+        # p < min_p * p_max  <=>  logit < max logit + log(min_p); log(0) = -inf keeps everything
+        threshold = torch.maximum(threshold, logits.amax(dim=-1) + min_p.log())
+    return logits.masked_fill(logits < threshold.unsqueeze(1), float("-inf"))
+
+
+def _top_k_top_p_threshold(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """(R, V) logits, (R,) top_k (V = off), (R,) top_p (1 = off) -> (R,) smallest logit to keep."""
+    R, V = logits.shape
+    use_k, use_p = top_k < V, top_p < 1                                                      # (R,)
+    # top_k rows with top_p need one candidate past the k-th, to see whether ties run beyond it
+    k = int(torch.where(use_k, top_k + use_p.long(), torch.where(use_p, CANDIDATES, 1)).max())
+    threshold, short = _thresholds_from_candidates(logits, top_k, top_p, min(k, V))
+    if bool(short.any()):
+        # a flat distribution or a long run of ties: sort just those rows in full
+        rows = short.nonzero().squeeze(1)
+        threshold[rows] = _thresholds_from_candidates(logits[rows], top_k[rows], top_p[rows], V)[0]
+    return threshold
+
+
+def _thresholds_from_candidates(logits: Tensor, top_k: Tensor, top_p: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-row thresholds from each row's k largest logits: ((R,) threshold, (R,) bool `short`,
+    true where the answer may lie beyond the k candidates).
+
+    Each decision reads a prefix of the row's sorted candidates only (cumsum on CPU is a sequential
+    prefix sum), so it comes out the same for any k that holds the answer.
+    """
+    V = logits.shape[1]
+    use_k, use_p = top_k < V, top_p < 1                                                      # (R,)
+    values, index = logits.topk(k, dim=-1)                                                   # (R, k) sorted
+    kth = torch.where(use_k, values.gather(1, (top_k.clamp(max=k) - 1).unsqueeze(1)).squeeze(1),
+                      float("-inf"))                                                         # (R,)
+    if not bool(use_p.any()):
+        return kth, torch.zeros_like(use_p)
+    probs = logits.softmax(dim=-1).gather(1, index)  # full-row probabilities of the candidates  (R, k)
+    cand = torch.where(values >= kth.unsqueeze(1), probs, 0.0)                              # top_k survivors
+    cum = cand.cumsum(dim=-1)                                                                # (R, k)
+    # top_p is over the distribution top_k left: renormalize by the mass it kept
+    mass = torch.ones_like(top_p)                                      # (R,)
+    before_cut = (cum < top_p.unsqueeze(1) * mass.unsqueeze(1)).sum(dim=-1)                 # (R,)
+    cut = values.gather(1, before_cut.clamp(max=k - 1).unsqueeze(1)).squeeze(1)              # (R,)
+    short = use_p & ((before_cut >= k) | (use_k & (values[:, -1] >= kth))) & (k < V)
+    return torch.where(use_p, torch.maximum(kth, cut), kth), short
 
 
 def processed_logits(logits: Tensor, params: Sequence[SamplingParams],
@@ -130,13 +172,19 @@ def processed_logits(logits: Tensor, params: Sequence[SamplingParams],
 
     Greedy rows get the penalties only (temperature and the filters never change an argmax).
     """
-    x = logits.float().clone()
-    if any(_has_penalties(p) for p in params):
-        apply_penalties(x, params, prompt_ids, output_ids)
+    penalized = any(_has_penalties(p) for p in params)
     rows = [i for i, p in enumerate(params) if not is_greedy(p)]
-    if rows:
-        temperature = torch.tensor([params[i].temperature for i in rows], device=x.device).unsqueeze(1)
-        x[rows] = apply_filters(x[rows] / temperature, [params[i] for i in rows])
+    every_row = bool(rows) and len(rows) == len(params)
+    # a copy when modified in place below; the all-sampled path makes a new tensor anyway
+    x = logits.to(torch.float32, copy=penalized or not every_row)
+    if penalized:
+        apply_penalties(x, params, prompt_ids, output_ids)
+    if not rows:
+        return x
+    temperature = torch.tensor([params[i].temperature for i in rows], device=x.device).unsqueeze(1)  # (R, 1)
+    if every_row:  # no gather / scatter of rows
+        return apply_filters(x / temperature, params)
+    x[rows] = apply_filters(x[rows] / temperature, [params[i] for i in rows])
     return x
 
 
@@ -151,6 +199,37 @@ def processed_probs(logits: Tensor, params: Sequence[SamplingParams],
         one_hot.scatter_(1, x[greedy].argmax(dim=-1, keepdim=True), 1.0)
         probs[greedy] = one_hot
     return probs
+
+
+def sample_from(probs: Tensor, u: Tensor) -> Tensor:
+    """(R, V) probabilities, (R,) uniforms in [0, 1) -> (R,) token ids, by inverting the CDF.
+
+    Two levels: the CDF over blocks of BLOCK tokens (a vectorized float32 sum per block, where one
+    float64 running sum over V would be a slow sequential scan), then the float64 CDF inside the
+    chosen block. A token's share of [0, 1) is its probability to float32 precision, like the
+    probabilities themselves; a token with probability 0 has an empty interval and is never picked.
+    """
+    R, V = probs.shape
+    pad = (-V) % BLOCK
+    blocks = (F.pad(probs, (0, pad)) if pad else probs).view(R, -1, BLOCK)                  # (R, NB, BLOCK)
+    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)                                   # (R, NB)
+    target = u * block_cdf[:, -1]                                                            # (R,)
+    b = _search(block_cdf, target)                                                           # (R,)
+    before = block_cdf.gather(1, (b - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    before = torch.where(b > 0, before, 0.0)                                                 # mass of blocks < b
+    inner_cdf = blocks[torch.arange(R, device=probs.device), b].cumsum(dim=-1, dtype=torch.float64)  # (R, BLOCK)
+    return b * BLOCK + _search(inner_cdf, target - before)
+
+
+def _search(cdf: Tensor, target: Tensor) -> Tensor:
+    """(R, N) non-decreasing CDFs, (R,) targets -> (R,) first index whose CDF exceeds the target.
+
+    The target may round up to the total (or past it, in the inner level): the answer is then the
+    last index with mass, so an index with no mass is never returned.
+    """
+    index = torch.searchsorted(cdf, target.unsqueeze(1), right=True)                         # (R, 1)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)                    # (R, 1)
+    return torch.minimum(index, last).squeeze(1)
 
 
 class Sampler:
@@ -185,30 +264,30 @@ class Sampler:
             return logits.argmax(dim=-1).tolist(), [None] * S  # fast path: no softmax at all
 
         x = processed_logits(logits, params, prompt_ids, output_ids)
-        tokens = x.argmax(dim=-1)                                                            # (S,)
+        tokens = torch.empty(S, dtype=torch.long, device=x.device)                          # (S,)
+        greedy = [i for i, p in enumerate(params) if is_greedy(p)]
         rows = [i for i, p in enumerate(params) if not is_greedy(p)]
+        if greedy:
+            tokens[greedy] = (x if len(greedy) == S else x[greedy]).argmax(dim=-1)
         if rows:
-            probs = x[rows].softmax(dim=-1)                                                  # (R, V)
-            q = self._exponentials(probs, [generators[i] for i in rows])
-            tokens[rows] = (probs / q).argmax(dim=-1)
+            probs = (x if len(rows) == S else x[rows]).softmax(dim=-1)                       # (R, V)
+            u = self._uniforms([generators[i] for i in rows], probs.device)                  # (R,)
+            tokens[rows] = sample_from(probs, u)
         token_list = tokens.tolist()
         return token_list, self._logprobs(logits, params, token_list, want_logprobs)
 
-    def _exponentials(self, probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
-        """(R, V) Exp(1) draws: one V-sized draw per seeded row from its own generator, one
-        batched draw for all unseeded rows from the shared generator."""
-        q = torch.empty_like(probs)
+    def _uniforms(self, generators: list[torch.Generator | None], device: torch.device) -> Tensor:
+        """(R,) float64 U[0, 1): one draw per seeded row from its own generator, one batched draw
+        for all unseeded rows from the shared generator."""
+        u = torch.empty(len(generators), dtype=torch.float64, device=device)
         unseeded = [j for j, g in enumerate(generators) if g is None]
         for j, g in enumerate(generators):
             if g is not None:
-                q[j].exponential_(generator=g)
-        if len(unseeded) == len(generators):
-            q.exponential_(generator=self._shared_generator(probs.device))
-        elif unseeded:
-            draw = torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype, device=probs.device)
-            q[unseeded] = draw.exponential_(generator=self._shared_generator(probs.device))
-        # q == 0 would turn a filtered token's 0 / 0 into NaN, which argmax would pick.
-        return q.clamp_min_(torch.finfo(q.dtype).tiny)
+                u[j] = torch.rand((), dtype=torch.float64, device=device, generator=g)
+        if unseeded:
+            u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=device,
+                                     generator=self._shared_generator(device))
+        return u
 
     @staticmethod
     def _logprobs(logits: Tensor, params: list[SamplingParams], tokens: list[int],

@@ -54,7 +54,9 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 def _is_byte_level(backend: BackendTokenizer) -> bool:
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    if backend.decoder is None:
+        return False
+    decoder = json.loads(backend.decoder.__getstate__())  # the decoder alone, not the whole vocabulary
     parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     return any(part.get("type") == "ByteLevel" for part in parts)
 

@@ -381,7 +381,7 @@ def create_app(state: "ServerState") -> FastAPI:
                                         usage=usage(outputs, body.n))
             return JSONResponse(resp.model_dump())
 
-        gen, _ = await submit(variant, engine, prompts, params, "cmpl")
+        gen, _ = await _unless_disconnected(request, submit(variant, engine, prompts, params, "cmpl"))
         rid = gen.request_id
 
         async def events():
@@ -437,7 +437,7 @@ def create_app(state: "ServerState") -> FastAPI:
                                             usage=usage(outputs, body.n))
             return JSONResponse(resp.model_dump())
 
-        gen, _ = await submit(variant, engine, prompts, params, "chatcmpl")
+        gen, _ = await _unless_disconnected(request, submit(variant, engine, prompts, params, "chatcmpl"))
         rid = gen.request_id
 
         def chunk(choices, usage_=None) -> bytes:
@@ -498,7 +498,7 @@ def create_app(state: "ServerState") -> FastAPI:
             return JSONResponse(P.GenerateResponse(generated_text=text, details=details(outs) if p.details else None)
                                 .model_dump(exclude_none=True))
 
-        gen, _ = await submit(variant, engine, [ids], [params], "gen")
+        gen, _ = await _unless_disconnected(request, submit(variant, engine, [ids], [params], "gen"))
 
         async def events():
             outs: list[RequestOutput] = []

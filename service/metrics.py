@@ -84,7 +84,7 @@ class _EngineStatsCollector:
     """Gauges computed from each engine's `stats()` snapshot when Prometheus scrapes."""
 
     def __init__(self):
-        self.engines: dict[str, tuple[Callable[[], EngineStats], dict[str, str]]] = {}
+        self.engines: dict[str, tuple[Callable[[], EngineStats], Callable[[], bool], dict[str, str]]] = {}
 
     def collect(self) -> Iterator:
         def gauge(name, doc, extra_labels=()):
@@ -108,12 +108,13 @@ class _EngineStatsCollector:
             "alive": gauge("kvserve_engine_alive", "1 while the engine loop runs, else 0"),
         }
         info = InfoMetricFamily("kvserve_model", "The model and attention layout each variant serves")
-        for variant, (stats_fn, labels) in self.engines.items():
+        for variant, (stats_fn, alive_fn, labels) in self.engines.items():
             s = stats_fn()
             for key, value in (("bpt", s.bytes_per_token), ("bpb", s.bytes_per_block), ("bs", s.block_size),
                                ("nb", s.kv.num_blocks), ("cap", s.capacity_tokens), ("stored", s.kv.stored_tokens),
                                ("empty", s.kv.empty_slots), ("usage", s.usage_ratio), ("mem", s.kv_memory_bytes),
-                               ("running", s.num_running), ("waiting", s.num_waiting), ("alive", int(s.alive))):
+                               ("running", s.num_running), ("waiting", s.num_waiting),
+                               ("alive", int(s.alive and alive_fn()))):
                 fam[key].add_metric([variant], value)
             for state, value in (("used", s.kv.used_blocks), ("cached", s.kv.cached_blocks), ("free", s.kv.free_blocks)):
                 fam["blocks"].add_metric([variant, state], value)
@@ -168,9 +169,11 @@ class ServerMetrics:
             self.requests_rejected.labels(variant, reason)
         return VariantObserver(self, variant)
 
-    def track(self, variant: str, stats: Callable[[], EngineStats], info: dict[str, str]) -> None:
-        """Read `stats()` at every scrape for the gauges; `info` labels kvserve_model_info."""
-        self._stats.engines[variant] = (stats, {k: str(val) for k, val in info.items()})
+    def track(self, variant: str, stats: Callable[[], EngineStats], info: dict[str, str],
+              alive: Callable[[], bool] = lambda: True) -> None:
+        """Read `stats()` at every scrape for the gauges; `info` labels kvserve_model_info. `alive()`
+        is asked too: a stopped engine's last snapshot may predate its stop."""
+        self._stats.engines[variant] = (stats, alive, {k: str(val) for k, val in info.items()})
 
     def rejected(self, variant: str, reason: str) -> None:
         self.requests_rejected.labels(variant, reason).inc()

@@ -101,7 +101,7 @@ def build_state(opts: ServeOptions) -> ServerState:
         metrics.track(variant, engine.stats, {
             "model": name, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
             "n_layers": cfg.n_layers, "dtype": opts.dtype, "attention": opts.attention,
-            "block_size": engine.layout.block_size})
+            "block_size": engine.layout.block_size}, alive=lambda e=engine: e.is_alive)
         engines[variant] = engine
         log.info(footprint_line(engine))
     return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key)

@@ -32,4 +32,4 @@ def hf_smollm2(smollm2_gguf_path):
     directory, name = str(smollm2_gguf_path.parent), smollm2_gguf_path.name
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    return model.float().eval(), tokenizer
+    return model.eval(), tokenizer

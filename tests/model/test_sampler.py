@@ -37,9 +37,7 @@ def ref_probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
         order = np.argsort(-probs, kind="stable")
         cum = np.cumsum(probs[order])
         n_keep = int(np.searchsorted(cum, p.top_p, side="left")) + 1  # smallest set reaching top_p
-        keep = np.zeros(len(x), dtype=bool)
-        keep[order[:n_keep]] = True
-        x = np.where(keep, x, -np.inf)
+        x = np.where(probs >= probs[order[n_keep - 1]], x, -np.inf)   # ... plus anything tied with its last
     if p.min_p > 0:
         probs = np.exp(x - x.max())
         probs /= probs.sum()
@@ -198,14 +196,16 @@ def test_seed_reproduces_and_ignores_batch_composition_and_order():
     assert _run_seeded(mixed, 0) == alone
     assert _run_seeded(mixed, 2) == alone
     assert _run_seeded(mixed[::-1] + mixed, 8) == alone
-    # and a different seed gives a different stream (64 tokens, flat-ish distribution)
-    sampler = Sampler()
-    logits = torch.zeros(1, V)
-    a = [sampler.sample(logits, [SamplingParams()], [[]], [[]], [g])[0][0]
-         for g in [make_generator(1)] for _ in range(32)]
-    b = [sampler.sample(logits, [SamplingParams()], [[]], [[]], [g])[0][0]
-         for g in [make_generator(2)] for _ in range(32)]
-    assert a != b
+
+
+def test_different_seeds_give_different_streams():
+    sampler, logits = Sampler(), torch.zeros(1, V)  # uniform over 64 tokens
+
+    def tokens(seed: int) -> list[int]:
+        gen = make_generator(seed)
+        return [sampler.sample(logits, [SamplingParams()], [[]], [[]], [gen])[0][0] for _ in range(32)]
+
+    assert tokens(1) == tokens(1) != tokens(2)
 
 
 def test_shared_generator_is_seedable():
@@ -285,12 +285,57 @@ def test_mismatched_lengths_are_refused():
         Sampler().sample(random_logits(2, 0), [SamplingParams()], [[]] * 2, [[]] * 2, [None] * 2)
 
 
-def test_top_p_boundary_and_top_k_ties_on_exact_probabilities():
-    # four equal logits: every probability is exactly 0.25, so the top_p boundary is exact
-    logits = torch.zeros(4, 4)
-    params = [SamplingParams(top_p=0.5), SamplingParams(top_p=0.51), SamplingParams(top_p=0.25),
-              SamplingParams(top_k=2)]
-    support = (processed_probs(logits, params, [[]] * 4, [[]] * 4) > 0).sum(-1).tolist()
-    # cumulative 0.25, 0.5 reaches 0.5 with two tokens; 0.51 needs three; 0.25 one;
-    # top_k keeps every token tied with the k-th (as vLLM does)
-    assert support == [2, 3, 1, 4]
+def test_ties_are_kept_together():
+    # four equal logits: 0.25 each; any top_p or top_k that keeps one of them keeps all four
+    logits = torch.zeros(2, 4)
+    logits[1, 3] = -50.0
+    params = [SamplingParams(top_p=0.5), SamplingParams(top_k=2)]
+    support = (processed_probs(logits, params, [[]] * 2, [[]] * 2) > 0).sum(-1).tolist()
+    assert support == [4, 3]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tied_logits_like_bfloat16_match_reference_and_ignore_neighbours(seed):
+    # bf16 logits have few distinct values: ties at the top_k / top_p boundaries are common
+    S = len(FILTER_GRID)
+    logits = random_logits(S, 40 + seed, 4096).to(torch.bfloat16).float()
+    probs = processed_probs(logits, FILTER_GRID, [[]] * S, [[]] * S)
+    for i, p in enumerate(FILTER_GRID):
+        ref = ref_probs(logits[i].numpy(), p)
+        np.testing.assert_allclose(probs[i].numpy(), ref, atol=2e-6, err_msg=str(p))
+        assert ((probs[i].numpy() > 0) == (ref > 0)).all(), f"different support for {p}"
+        assert torch.equal(processed_probs(logits[i:i + 1], [p], [[]], [[]])[0], probs[i])
+
+
+def test_flat_distribution_nucleus_wider_than_the_candidates():
+    from model.sampler import CANDIDATES
+    vocab = CANDIDATES * 6
+    logits = random_logits(2, 77, vocab) * 0.01  # nearly uniform: top_p=0.9 keeps ~90% of the vocab
+    params = [SamplingParams(top_p=0.9), SamplingParams(top_k=vocab - 3, top_p=0.99)]
+    probs = processed_probs(logits, params, [[]] * 2, [[]] * 2)
+    for i, p in enumerate(params):
+        ref = ref_probs(logits[i].numpy(), p)
+        assert ((probs[i].numpy() > 0) == (ref > 0)).all()
+        np.testing.assert_allclose(probs[i].numpy(), ref, atol=1e-7)
+    assert (probs[0] > 0).sum() > CANDIDATES
+
+
+def test_inverse_cdf_picks_the_token_whose_interval_holds_u():
+    from model.sampler import BLOCK, sample_from
+    g = torch.Generator().manual_seed(5)
+    vocab = 3 * BLOCK + 37  # not a whole number of blocks
+    probs = torch.rand(6, vocab, generator=g)
+    probs[:, BLOCK:2 * BLOCK] = 0  # a whole block without mass
+    probs[probs < 0.3] = 0         # and scattered zeros, the last tokens included
+    probs[:, -5:] = 0
+    probs /= probs.sum(-1, keepdim=True)
+    u = torch.tensor([0.0, 0.1, 0.5, 0.77, 0.999999, 1 - 2 ** -53], dtype=torch.float64)
+    tokens = sample_from(probs, u).tolist()
+    for i, t in enumerate(tokens):
+        p = probs[i].double().numpy()
+        cdf = np.cumsum(p)
+        target = u[i].item() * cdf[-1]
+        assert p[t] > 0
+        assert cdf[t] - p[t] - 1e-6 <= target <= cdf[t] + 1e-6
+    assert tokens[0] == int(np.flatnonzero(probs[0].numpy())[0])    # u = 0: the first token with mass
+    assert tokens[-1] == int(np.flatnonzero(probs[-1].numpy())[-1])  # u -> 1: the last one

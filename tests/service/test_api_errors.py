@@ -1,4 +1,4 @@
-"""Bad input and auth against a live tiny server started with --api-key: every error a client can cause
+"""Bad input and auth against the shared live tiny server (started with --api-key): every error a client can cause
 is its 4xx with OpenAI's JSON error body naming the field, counted as a rejection; never a 500."""
 from __future__ import annotations
 
@@ -6,18 +6,16 @@ import httpx
 import openai
 import pytest
 
-from tests.service.test_api_support import LiveServer
+from tests.service.test_api_support import API_KEY as KEY
+from tests.service.test_api_support import AUTH, SHARED_MAX_MODEL_LEN, shared_server
 
-KEY = "test-key-0123456789"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MAX_MODEL_LEN = 128
+MAX_MODEL_LEN = SHARED_MAX_MODEL_LEN
 MSG = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
 def server():
-    with LiveServer("--api-key", KEY, "--kv-cache-memory", "1MiB", "--max-model-len", str(MAX_MODEL_LEN)) as s:
-        yield s
+    return shared_server()
 
 
 @pytest.fixture(scope="module")

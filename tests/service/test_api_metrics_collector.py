@@ -113,3 +113,13 @@ def test_each_server_has_its_own_registry():
     b.observer("native")
     assert samples(a)[("kvserve_preemptions_total", (("variant", "native"),))] == 1
     assert samples(b)[("kvserve_preemptions_total", (("variant", "native"),))] == 0
+
+
+def test_engine_alive_is_0_when_either_the_snapshot_or_the_engine_says_so():
+    m = ServerMetrics()
+    running = {"alive": True}
+    m.track("native", stats, {"model": "tiny"}, alive=lambda: running["alive"])
+    key = ("kvserve_engine_alive", (("variant", "native"),))
+    assert samples(m)[key] == 1
+    running["alive"] = False  # stopped after its last snapshot
+    assert samples(m)[key] == 0

@@ -7,28 +7,21 @@ import json
 import httpx
 import pytest
 
-from tests.service.test_api_support import (LiveServer, chat_prompt_ids, encode, greedy_reference, read_sse,
-                                            reference_text, tiny_model)
+from tests.service.test_api_support import (AUTH, SHARED_MAX_MODEL_LEN, chat_prompt_ids, encode, greedy_reference,
+                                            read_sse, reference_text, shared_server, tiny_model)
 
 PROMPT = "Blocks of sixteen tokens"
 
 
 @pytest.fixture(scope="module")
-def server():
-    with LiveServer("--kv-cache-memory", "2MiB") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+def http():
+    with httpx.Client(base_url=shared_server().base_url, timeout=60, headers=AUTH) as c:
         yield c
 
 
-def test_health_and_no_auth_needed_when_no_key(http):
-    r = http.get("/health")
-    assert r.status_code == 200 and r.json()["status"] == "ok"
-    assert http.get("/v1/models").status_code == 200  # no --api-key: nothing asks for one
+def test_health(http):
+    r = http.get("/health", headers={"Authorization": ""})
+    assert r.status_code == 200 and r.json() == {"status": "ok", "variants": ["native"]}
 
 
 def test_generate_greedy_tokens_and_details(http):
@@ -101,7 +94,7 @@ def test_tokenize_and_detokenize_round_trip(http):
     text = "héllo wörld ☃"
     r = http.post("/tokenize", json={"prompt": text}).json()
     assert r["tokens"] == tokenizer.encode(text) and r["count"] == len(r["tokens"])
-    assert r["max_model_len"] == tiny_model()[0].config.max_seq_len
+    assert r["max_model_len"] == SHARED_MAX_MODEL_LEN
     assert http.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
     msgs = [{"role": "user", "content": "hi"}]
     assert http.post("/tokenize", json={"messages": msgs}).json()["tokens"] == chat_prompt_ids(msgs)

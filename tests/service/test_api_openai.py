@@ -7,23 +7,17 @@ import math
 import openai
 import pytest
 
-from tests.service.test_api_support import (LiveServer, chat_prompt_ids, encode, greedy_reference,
-                                            reference_text, tiny_model)
+from tests.service.test_api_support import (API_KEY, SHARED_MAX_MODEL_LEN, chat_prompt_ids, encode,
+                                            greedy_reference, reference_text, shared_server, tiny_model)
 
 PROMPT = "The paged KV cache"
-MAX_MODEL_LEN = 160
+MAX_MODEL_LEN = SHARED_MAX_MODEL_LEN
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    with LiveServer("--kv-cache-memory", "2MiB", "--max-model-len", str(MAX_MODEL_LEN)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=60) as c:
+def client():
+    with openai.OpenAI(base_url=shared_server().url("/v1"), api_key=API_KEY, max_retries=0, timeout=60) as c:
         yield c
 
 

@@ -8,9 +8,12 @@ scrape parsed with prometheus_client's parser, and the greedy reference of the t
 """
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,12 +21,16 @@ import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SHARED_MAX_MODEL_LEN = 160
 _LISTENING = re.compile(r"kvserve listening on (http://[\d.]+:\d+)")
 START_TIMEOUT_S = 180   # a guard against a hung start-up, not a timing assertion
 WAIT_TIMEOUT_S = 60
@@ -104,6 +111,30 @@ class LiveServer:
     def wait_for_metric(self, name: str, expected: float, **labels) -> None:
         wait_until(lambda: self.metric(name, **labels) == expected,
                    f"{name}{labels} never became {expected}")
+
+
+_shared: LiveServer | None = None
+
+
+def shared_server() -> LiveServer:
+    """One tiny server (API key on, max_model_len 160) shared by the OpenAI, native and error tests,
+    started on first use and stopped when the test process exits."""
+    global _shared
+    if _shared is None:
+        _shared = LiveServer("--api-key", API_KEY, "--kv-cache-memory", "2MiB",
+                             "--max-model-len", str(SHARED_MAX_MODEL_LEN)).start()
+        atexit.register(_shared.stop)
+    return _shared
+
+
+def open_raw_request(base_url: str, path: str, body: dict) -> socket.socket:
+    """Send a request on a plain socket and return it unread: closing it is a client disconnect."""
+    url = urlsplit(base_url)
+    sock = socket.create_connection((url.hostname, url.port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(data), data))
+    return sock
 
 
 def wait_until(predicate, message: str, timeout: float = WAIT_TIMEOUT_S) -> None:

@@ -7,6 +7,7 @@ from functools import cache
 from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model.tokenizer import byte_tokenizer
 from service.detokenizer import IncrementalDetokenizer
 
 SENTENCES = [
@@ -96,6 +97,17 @@ def test_random_text_streams_exactly_and_as_early_as_possible(text):
         # everything complete is out; only the incomplete last character is held back
         assert emitted == tok.decode(ids[:t]).rstrip("\ufffd")
     assert emitted + detok.flush() == tok.decode(ids) == text
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(unicode_text)
+def test_random_text_with_the_tiny_models_byte_tokenizer(text):
+    tok = byte_tokenizer()  # one token per byte: every multi-byte character is split
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok)
+    pieces = stream(detok, ids)
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) + detok.flush() == tok.decode(ids, skip_special_tokens=True) == text
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)

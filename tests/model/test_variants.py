@@ -1,0 +1,108 @@
+"""Attention variants of a loaded checkpoint: mha is exact, fewer K/V heads mean-pool, bad names fail.
+
+The SmolLM2 tests (slow) use the session model; the rest run on tiny random models and compare
+against float64 computations done here by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.config import PRESETS
+from model.loader import load_model
+from model.transformer import random_transformer
+from model.variants import with_variant
+
+KV_NAMES = ("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")
+
+
+@pytest.fixture(scope="module")
+def smollm2_ids(smollm2):
+    _, tokenizer = smollm2
+    return torch.tensor([tokenizer.encode("Grouped-query attention shares keys and values.")])
+
+
+@pytest.mark.slow
+def test_smollm2_mha_gives_native_logits(smollm2, smollm2_ids):
+    model, _ = smollm2
+    mha = with_variant(model, "mha")
+    assert mha.config.n_kv_heads == 9
+    assert mha.layers[0].attention.wk.weight.shape == (9 * 64, 576)
+    with torch.inference_mode():
+        torch.testing.assert_close(mha(smollm2_ids), model(smollm2_ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, n_kv", [("mqa", 1), ("gqa-1", 1), ("gqa-3", 3), ("gqa-9", 9)])
+def test_smollm2_variant_shapes(smollm2, variant, n_kv):
+    model, _ = smollm2
+    converted = with_variant(model, variant)
+    assert converted.config.n_kv_heads == n_kv
+    for layer in converted.layers:
+        assert layer.attention.wk.weight.shape == layer.attention.wv.weight.shape == (n_kv * 64, 576)
+        assert layer.attention.wq.weight.shape == (9 * 64, 576)
+
+
+@pytest.mark.slow
+def test_smollm2_mqa_logits_finite(smollm2, smollm2_ids):
+    model, _ = smollm2
+    with torch.inference_mode():
+        logits = with_variant(model, "mqa")(smollm2_ids)
+    assert logits.shape == (1, smollm2_ids.shape[1], 49152)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["gqa-2", "gqa-4", "gqa-x", "gqa-", "foo", "MQA", ""])
+def test_smollm2_bad_variant_names_valid_choices(smollm2, variant):
+    model, _ = smollm2
+    with pytest.raises(ValueError, match=r"valid N: 1, 3, 9") as info:
+        with_variant(model, variant)
+    assert repr(variant) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_model_rejects_bad_variant_before_loading():
+    with pytest.raises(ValueError, match=r"invalid variant 'gqa-3'.*valid N: 1, 2, 4"):
+        load_model("tiny", variant="gqa-3", progress=False)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("variant, n_kv", [("mqa", 1), ("gqa-2", 2)])
+def test_mean_pooling_matches_float64_mean(qkv_bias, variant, n_kv):
+    cfg = replace(PRESETS["tiny"], n_heads=4, n_kv_heads=4, qkv_bias=qkv_bias)  # an MHA model
+    model = random_transformer(cfg, seed=1)
+    pooled = with_variant(model, variant)
+    D, group = cfg.head_dim, cfg.n_heads // n_kv
+    for i, layer in enumerate(model.layers):
+        for name in ("wk", "wv"):
+            params = [("weight", getattr(layer.attention, name).weight)]
+            if qkv_bias:
+                params.append(("bias", getattr(layer.attention, name).bias))
+            for kind, tensor in params:
+                heads = tensor.double().reshape(cfg.n_heads, D, -1)  # (H, D, dim or 1)
+                expected = torch.stack([heads[g * group:(g + 1) * group].sum(0) / group for g in range(n_kv)])
+                got = getattr(pooled.layers[i].attention, name)
+                got = got.weight if kind == "weight" else got.bias
+                torch.testing.assert_close(got.double(), expected.reshape(got.shape), rtol=0, atol=1e-7)
+
+
+def test_tiny_mha_gives_native_logits():
+    model = random_transformer(PRESETS["tiny"], seed=2)  # GQA: 4 query heads, 2 K/V heads
+    ids = torch.randint(0, PRESETS["tiny"].vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(with_variant(model, "mha")(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mha", "mqa", "native"])
+def test_with_variant_shares_all_but_kv(variant):
+    model = random_transformer(replace(PRESETS["tiny"], qkv_bias=True), seed=3)
+    converted = with_variant(model, variant)
+    before, after = model.state_dict(), converted.state_dict()
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        if name.endswith(KV_NAMES) and variant != "native":
+            assert after[name].data_ptr() != tensor.data_ptr(), name
+        else:
+            assert after[name].data_ptr() == tensor.data_ptr(), name
