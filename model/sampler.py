@@ -3,8 +3,9 @@ SamplingParams.
 
 Order of the logits processors (as vLLM / transformers): repetition penalty (HF semantics, over
 prompt and output tokens), presence and frequency penalties (OpenAI semantics, over output tokens),
-temperature, top_k, top_p, min_p, then sampling. Every step is a tensor op over all rows; the only
-Python loops are over the S rows (building penalty indices, drawing from per-request generators).
+temperature, top_k, top_p, min_p, then sampling. Every step is a tensor op over all rows; Python
+only walks the rows (drawing from per-request generators) and, for penalized rows, their token ids
+(to build one index tensor) - never the vocabulary.
 
 Sampling inverts the CDF with one uniform per row: a seeded request draws exactly one number per
 step from its own generator, so its tokens do not depend on which other requests share the batch
@@ -25,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.sampling_params import SamplingParams
-from service.outputs import TokenLogprob
+from model.sampling_params import SamplingParams, TokenLogprob
 
 # Tokens a top_p-only row sorts first; all of them only when the nucleus does not fit in these.
 CANDIDATES = 1024
@@ -159,7 +159,7 @@ def _thresholds_from_candidates(logits: Tensor, top_k: Tensor, top_p: Tensor, k:
     cand = torch.where(values >= kth.unsqueeze(1), probs, 0.0)                              # top_k survivors
     cum = cand.cumsum(dim=-1)                                                                # (R, k)
     # top_p is over the distribution top_k left: renormalize by the mass it kept
-    mass = torch.ones_like(top_p)                                      # (R,)
+    mass = torch.where(use_k, cum[:, -1].double(), 1.0)                                      # (R,)
     before_cut = (cum < top_p.unsqueeze(1) * mass.unsqueeze(1)).sum(dim=-1)                 # (R,)
     cut = values.gather(1, before_cut.clamp(max=k - 1).unsqueeze(1)).squeeze(1)              # (R,)
     short = use_p & ((before_cut >= k) | (use_k & (values[:, -1] >= kth))) & (k < V)

@@ -1,4 +1,5 @@
-"""Per-request sampling parameters, validated where they are built (the API edge)."""
+"""Per-request sampling parameters, validated where they are built (the API edge), and the
+logprobs record the sampler returns for each chosen token."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,3 +43,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first

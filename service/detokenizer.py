@@ -15,7 +15,8 @@ Invariant: the concatenation of every `push` plus `flush` equals
 the continuation of the prompt instead (the same for a byte-level BPE; a SentencePiece-style
 decoder would drop the first word's leading space without that context).
 An invalid byte sequence (possible only if the model emits one) shows as U+FFFD, exactly as in the
-full decode.
+full decode; it is held back, like an incomplete character, until a complete character follows it
+or `flush` is called.
 """
 from __future__ import annotations
 

@@ -178,11 +178,12 @@ class Engine:
         except BaseException as exc:  # the loop itself broke: fail everything, report dead
             self._crashed = exc
             log.exception("engine %s crashed", self.name)
-            self._finish_all("error", f"engine crashed: {exc}")
             self._stop.set()
-            return
-        self._drain_inbox()
-        self._finish_all("abort", None)
+            self._finish_all("error", f"engine crashed: {exc}")
+        else:
+            self._drain_inbox()
+            self._finish_all("abort", None)
+        self._stats = self._snapshot()  # alive=False from now on
 
     def _drain_inbox(self) -> None:
         with self._lock:

@@ -96,7 +96,7 @@ class _EngineStatsCollector:
             "bpb": gauge("kvserve_kv_cache_bytes_per_block", "KV bytes of one block"),
             "bs": gauge("kvserve_kv_cache_block_size_tokens", "Tokens per KV block"),
             "blocks": gauge("kvserve_kv_cache_blocks", "KV blocks by state: used (referenced), cached "
-                            "(free but holding a reusable prefix), free", ["state"]),
+                            "(unreferenced, holding a reusable prefix), free (empty); they sum to the usable blocks", ["state"]),
             "nb": gauge("kvserve_kv_cache_num_blocks", "Usable KV blocks (the null block excluded)"),
             "cap": gauge("kvserve_kv_cache_capacity_tokens", "Tokens the usable KV blocks hold"),
             "stored": gauge("kvserve_kv_cache_stored_tokens", "Tokens whose K/V live in used blocks"),
@@ -116,7 +116,7 @@ class _EngineStatsCollector:
                                ("running", s.num_running), ("waiting", s.num_waiting),
                                ("alive", int(s.alive and alive_fn()))):
                 fam[key].add_metric([variant], value)
-            for state, value in (("used", s.kv.used_blocks), ("cached", s.kv.cached_blocks), ("free", s.kv.free_blocks)):
+            for state, value in (("used", s.kv.used_blocks), ("cached", s.kv.cached_blocks), ("free", s.kv.free_blocks - s.kv.cached_blocks)):
                 fam["blocks"].add_metric([variant, state], value)
             info.add_metric([], {"variant": variant, **labels})
         yield from fam.values()

@@ -1,14 +1,9 @@
 """What the engine hands back to its callers, one object per step per request."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-@dataclass(slots=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+from model.sampling_params import TokenLogprob  # built by the sampler
 
 
 @dataclass(slots=True)

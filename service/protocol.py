@@ -18,6 +18,7 @@ from model.sampling_params import SamplingParams
 from service.errors import RequestError
 
 MAX_N = 16          # choices per request
+MAX_CHOICES = 128   # prompts x n of one completions request
 MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI reports impossible tokens like this
 
 
@@ -172,11 +173,13 @@ class CompletionRequest(_SamplingFields):
         return v
 
     def prompts(self) -> list[str | list[int]]:
-        """Each prompt as text or token ids."""
+        """Each prompt as text or token ids (RequestError past MAX_CHOICES engine requests)."""
         v = self.prompt
-        if isinstance(v, str) or (v and isinstance(v[0], int)):
-            return [v]
-        return list(v)
+        prompts = [v] if isinstance(v, str) or isinstance(v[0], int) else list(v)
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise RequestError(f"{len(prompts)} prompts x n={self.n} is {len(prompts) * self.n} completions; "
+                               f"at most {MAX_CHOICES} per request", "prompt")
+        return prompts
 
     def to_sampling_params(self, choice: int = 0) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:

@@ -71,9 +71,6 @@ class ServerState:
         raise LookupError(f"model {model!r} does not exist; available: {', '.join(self.model_ids())} "
                           f"(or {self.model_name!r} for {self.model_ids()[0]!r})")
 
-    def all_alive(self) -> bool:
-        return all(engine.is_alive for engine in self.engines.values())
-
 
 def served_model_name(source: str) -> str:
     """'tiny' and 'smollm2-135m' as given; a path by its file or directory name without extension."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 
 class StopStringMatcher:
+    __slots__ = ("_stop", "_held", "matched")
+
     def __init__(self, stop: tuple[str, ...]):
         if any(not s for s in stop):
             raise ValueError("stop strings must not be empty")

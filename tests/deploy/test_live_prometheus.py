@@ -264,12 +264,12 @@ def test_prometheus_saw_what_was_sent(scraped):
     dtype_bytes = {"float32": 4, "bfloat16": 2}[labels["dtype"]]
     expected = 2 * tiny.n_layers * int(labels["n_kv_heads"]) * tiny.head_dim * dtype_bytes
     assert prometheus.scalar(f"kvserve_kv_cache_bytes_per_token{{{sel}}}") == expected
-    # blocks: used + free is the usable total, cached blocks are free ones holding a prefix
-    # (the prompts above left some); capacity = usable blocks x block size
+    # blocks: used + cached + free is the usable total; the prompts above left some cached
+    # prefix blocks; capacity = usable blocks x block size
     total = prometheus.scalar(f"kvserve_kv_cache_num_blocks{{{sel}}}")
     blocks = {s["metric"]["state"]: float(s["value"][1])
               for s in prometheus.query(f"kvserve_kv_cache_blocks{{{sel}}}")["result"]}
-    assert blocks["used"] + blocks["free"] == total
-    assert 0 < blocks["cached"] <= blocks["free"]
+    assert blocks["used"] + blocks["cached"] + blocks["free"] == total
+    assert blocks["cached"] > 0
     assert prometheus.scalar(f"kvserve_kv_cache_capacity_tokens{{{sel}}}") == \
         total * int(labels["block_size"])

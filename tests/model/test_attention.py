@@ -159,15 +159,13 @@ def _peak_allocated_bytes(fn) -> int:
 
 
 def test_flash_memory_stays_linear_in_sequence_length():
-    """At T = 2048 one (Hq, T, T) float32 score matrix is 151 MB; flash must stay far below it
-    (it holds one (Hkv, 128*G, 512) tile plus O(T) buffers), naive cannot."""
+    """At T = 2048 one (Hq, T, T) float32 score matrix is 151 MB; flash holds one (Hkv, 128*G, 512)
+    score tile plus O(T) buffers. The output it must allocate is the measurement's lower bound."""
     T = 2048
     q, k, v = random_qkv(1, 9, 3, T, T, 64)
     score_matrix = 9 * T * T * 4
     flash_peak = _peak_allocated_bytes(lambda: flash_attention(q, k, v, causal=True))
-    naive_peak = _peak_allocated_bytes(lambda: naive_attention(q, k, v, causal=True))
-    assert naive_peak >= score_matrix
-    assert flash_peak < score_matrix / 6
+    assert q.nbytes <= flash_peak < score_matrix / 6
 
 
 def test_online_softmax_folds_tiles_like_one_softmax():

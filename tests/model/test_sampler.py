@@ -311,13 +311,27 @@ def test_flat_distribution_nucleus_wider_than_the_candidates():
     from model.sampler import CANDIDATES
     vocab = CANDIDATES * 6
     logits = random_logits(2, 77, vocab) * 0.01  # nearly uniform: top_p=0.9 keeps ~90% of the vocab
-    params = [SamplingParams(top_p=0.9), SamplingParams(top_k=vocab - 3, top_p=0.99)]
-    probs = processed_probs(logits, params, [[]] * 2, [[]] * 2)
-    for i, p in enumerate(params):
-        ref = ref_probs(logits[i].numpy(), p)
-        assert ((probs[i].numpy() > 0) == (ref > 0)).all()
-        np.testing.assert_allclose(probs[i].numpy(), ref, atol=1e-7)
-    assert (probs[0] > 0).sum() > CANDIDATES
+    logits[1] = random_logits(1, 78, vocab) * 3  # a peaked row in the same batch
+    for params in ([SamplingParams(top_p=0.9), SamplingParams(top_p=0.9)],
+                   [SamplingParams(top_k=vocab - 3, top_p=0.99), SamplingParams(top_p=0.5)]):
+        probs = processed_probs(logits, params, [[]] * 2, [[]] * 2)
+        for i, p in enumerate(params):
+            ref = ref_probs(logits[i].numpy(), p)
+            assert ((probs[i].numpy() > 0) == (ref > 0)).all()
+            np.testing.assert_allclose(probs[i].numpy(), ref, atol=1e-7)
+        assert (probs[0] > 0).sum() > CANDIDATES
+
+
+def test_top_p_renormalizes_over_every_token_tied_at_the_top_k_boundary():
+    # top_k=3 keeps 6 tokens (four tie at the 3rd value); top_p=0.8 of those reaches into the tie,
+    # so all 6 stay. Normalizing over only the first 4 would stop after 2 tokens.
+    logits = torch.full((1, V), -3.0)
+    logits[0, :6] = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 3.0])
+    p = SamplingParams(top_k=3, top_p=0.8)
+    probs = processed_probs(logits, [p], [[]], [[]])
+    ref = ref_probs(logits[0].numpy(), p)
+    assert int((probs > 0).sum()) == int((ref > 0).sum()) == 6
+    np.testing.assert_allclose(probs[0].numpy(), ref, atol=1e-7)
 
 
 def test_inverse_cdf_picks_the_token_whose_interval_holds_u():
@@ -329,7 +343,7 @@ def test_inverse_cdf_picks_the_token_whose_interval_holds_u():
     probs[probs < 0.3] = 0         # and scattered zeros, the last tokens included
     probs[:, -5:] = 0
     probs /= probs.sum(-1, keepdim=True)
-    u = torch.tensor([0.0, 0.1, 0.5, 0.77, 0.999999, 1 - 2 ** -53], dtype=torch.float64)
+    u = torch.tensor([0.0, 0.1, 0.5, 0.77, 1 - 2 ** -53, 1.0], dtype=torch.float64)  # 1.0: rounding's worst case
     tokens = sample_from(probs, u).tolist()
     for i, t in enumerate(tokens):
         p = probs[i].double().numpy()
@@ -338,4 +352,16 @@ def test_inverse_cdf_picks_the_token_whose_interval_holds_u():
         assert p[t] > 0
         assert cdf[t] - p[t] - 1e-6 <= target <= cdf[t] + 1e-6
     assert tokens[0] == int(np.flatnonzero(probs[0].numpy())[0])    # u = 0: the first token with mass
-    assert tokens[-1] == int(np.flatnonzero(probs[-1].numpy())[-1])  # u -> 1: the last one
+    for i in (4, 5):  # u -> 1: the last token with mass
+        assert tokens[i] == int(np.flatnonzero(probs[i].numpy())[-1])
+
+
+def test_bfloat16_logits_sample_like_their_float32_values():
+    logits = random_logits(4, 13).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=5, seed=1, logprobs=2),
+              SamplingParams(top_p=0.8, seed=2), SamplingParams(min_p=0.1, repetition_penalty=1.2, seed=3)]
+    runs = []
+    for x in (logits, logits.float()):
+        gens = [None] + [make_generator(p.seed) for p in params[1:]]
+        runs.append(Sampler(seed=0).sample(x, params, [[1, 2]] * 4, [[3]] * 4, gens))
+    assert runs[0] == runs[1]

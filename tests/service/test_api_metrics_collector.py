@@ -19,7 +19,7 @@ def samples(metrics: ServerMetrics) -> dict[tuple, float]:
 
 
 def stats(**kv) -> EngineStats:
-    cache = dict(num_blocks=20, free_blocks=12, used_blocks=6, cached_blocks=2, stored_tokens=70, empty_slots=26,
+    cache = dict(num_blocks=20, free_blocks=14, used_blocks=6, cached_blocks=2, stored_tokens=70, empty_slots=26,
                  prefix_queries_tokens=0, prefix_hits_tokens=0)
     cache.update(kv)
     return EngineStats(num_running=3, num_waiting=4, kv=KVCacheStats(**cache), bytes_per_token=512,
@@ -44,11 +44,11 @@ def test_gauges_are_read_from_stats_at_scrape_time():
     }
     for name, value in expected.items():
         assert got[(name, v)] == value, name
-    for state, value in (("used", 6), ("cached", 2), ("free", 12)):
+    for state, value in (("used", 6), ("cached", 2), ("free", 12)):  # free excludes cached: states sum to 20
         assert got[("kvserve_kv_cache_blocks", (("state", state), ("variant", "gqa-2")))] == value
     assert got[("kvserve_model_info", (("model", "tiny"), ("n_kv_heads", "2"), ("variant", "gqa-2")))] == 1
     # a later scrape sees the later snapshot
-    current["s"] = stats(used_blocks=0, free_blocks=18)
+    current["s"] = stats(used_blocks=0, free_blocks=20)
     got = samples(m)
     assert got[("kvserve_kv_cache_blocks", (("state", "used"), ("variant", "gqa-2")))] == 0
     assert got[("kvserve_kv_cache_usage_ratio", v)] == 0

@@ -91,6 +91,14 @@ def test_prompt_forms(prompt, expected):
     assert parse(P.CompletionRequest, {"prompt": prompt}).prompts() == expected
 
 
+def test_prompts_times_n_is_capped():
+    ok = parse(P.CompletionRequest, {"prompt": ["p"] * (P.MAX_CHOICES // 4), "n": 4})
+    assert len(ok.prompts()) == P.MAX_CHOICES // 4
+    with pytest.raises(RequestError) as info:
+        parse(P.CompletionRequest, {"prompt": ["p"] * (P.MAX_CHOICES // 4 + 1), "n": 4}).prompts()
+    assert info.value.param == "prompt" and str(P.MAX_CHOICES) in str(info.value)
+
+
 def test_chat_content_parts_and_developer_role_flatten_for_the_template():
     req = parse(P.ChatCompletionRequest, {"messages": [
         {"role": "developer", "content": "be brief"},
