@@ -191,7 +191,7 @@ def report(rows: list[VariantRow], args: argparse.Namespace, native_kv: int, nat
              f" float32, windows of {args.ppl_window} tokens, stride {args.ppl_window // 2}."]
     if levels:
         lines.append(f"Serving: {args.input_len}-token prompts, {args.output_len} new tokens (ignore_eos), "
-                     f"{args.rounds} rounds per concurrency level, all variants in one server.")
+                     f"concurrency x {args.rounds} requests per level, all variants in one server.")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [r.variant + (" (native)" if r.variant == native else ""), str(r.n_kv_heads),
@@ -202,15 +202,15 @@ def report(rows: list[VariantRow], args: argparse.Namespace, native_kv: int, nat
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Native ({native}) perplexity: {native_ppl:.3f}. Variants with fewer K/V heads than the "
               "checkpoint are made by mean-pooling its K/V heads without uptraining (Ainslie et al. 2023): "
-              "they lose quality, which uptraining on ~5% of the pre-training compute would recover."]
+              "they lose quality, which uptraining on ~5% of the pre-training compute would mostly recover."]
     for r in rows:
         if r.n_kv_heads < native_kv:
             verdict = "loses quality" if r.ppl_ratio > 1.0 else "shows no loss on this checkpoint"
             lines.append(f"- **{r.variant} {verdict}**: mean-pooled without uptraining, perplexity {r.perplexity:.3f} "
                          f"= {r.ppl_ratio:.2f}x native ({(r.ppl_ratio - 1) * 100:+.1f}%).")
         elif r.variant != native:
-            lines.append(f"- {r.variant} repeats the native K/V heads: exact (ratio {r.ppl_ratio:.3f}) but "
-                         f"{r.bytes_per_token / min(x.bytes_per_token for x in rows):.0f}x the smallest footprint.")
+            lines.append(f"- {r.variant} repeats the native K/V heads: exact (ratio {r.ppl_ratio:.3f}) at "
+                         f"{r.n_kv_heads / native_kv:g}x the native KV footprint.")
     return "\n".join(lines) + "\n"
 
 
@@ -220,12 +220,14 @@ def plot(rows: list[VariantRow], levels: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = sorted(rows, key=lambda r: r.bytes_per_token)
     x = [r.bytes_per_token for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax1.scatter(x, [r.perplexity for r in rows], color="tab:red")
     for r in rows:
         ax1.annotate(r.variant, (r.bytes_per_token, r.perplexity), textcoords="offset points", xytext=(5, 5))
-    ax1.set(xlabel="KV bytes per token", ylabel="perplexity (lower is better)", title="Footprint vs quality")
+    ax1.set(xlabel="KV bytes per token", ylabel="perplexity (log scale, lower is better)", yscale="log",
+            title="Footprint vs quality")
     for c in levels:
         ax2.plot(x, [r.throughput.get(c, math.nan) for r in rows], marker="o", label=f"concurrency {c}")
     for r in rows:
