@@ -2,6 +2,7 @@
 
     python -m benchmarks.attention [--seq-lens 512,1024,2048,4096,8192] [--dtypes float32,bfloat16]
                                    [--impls naive,flash,sdpa] [--repeats 3] [--threads N] [--json PATH]
+                                   [--omp-wait-policy PASSIVE|ACTIVE|inherit] [--heads 9 --kv-heads 3 --head-dim 64]
 
 SmolLM2-135M's attention shape by default: 9 query heads, 3 K/V heads, head_dim 64, batch 1,
 Tq = Tk = T. Prints markdown tables (for BENCHMARKS.md); nothing is asserted.
@@ -13,10 +14,19 @@ allocator state, and memory is measured two ways there:
   (its temporaries and its output, not the inputs). Exact, but blind to memory outside torch's
   allocator (e.g. MKL's own scratch).
 - RSS peak: ru_maxrss after one call minus the resident set just before it (inputs built, one
-  small warm-up call made). Sees everything the process touched, at page granularity; it is an
-  upper bound when the process's earlier high-water mark sat above its resident set.
+  small warm-up call made). Sees everything the process touched, at page granularity; it
+  overstates the call when the process's earlier high-water mark sat above its resident set
+  (that floor is kept as rss_floor_bytes in --json) and understates memory reused from malloc's
+  free lists; agreement with the torch column is the check that neither happened.
 Time is the median wall clock of --repeats calls after those two, with process CPU time beside
 it: on a shared machine the CPU time is the steadier number.
+
+Cases run with OMP_WAIT_POLICY=PASSIVE unless told otherwise. Under GNU OpenMP's default (threads
+spin at each barrier), any other runnable process on a small machine can make every parallel
+region cost a scheduler time slice; flash makes thousands of torch calls where sdpa makes one
+fused call, and measured 15-20x slower than sdpa at T >= 4096 that way on the 2-core development
+machine at load average 2-5 (1.0-1.6x with PASSIVE). `--omp-wait-policy inherit` measures the
+environment as it is.
 """
 from __future__ import annotations
 
@@ -89,7 +99,10 @@ def _subprocess_case(args, impl: str, seq_len: int, dtype: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.attention", "--child", f"{impl},{seq_len},{dtype}",
            "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
            "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.omp_wait_policy != "inherit":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         reason = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
@@ -132,10 +145,11 @@ def print_tables(results: list[dict], dtype: str, seq_lens: list[int], impls: li
 
 def _environment(args) -> str:
     import torch
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset") if args.omp_wait_policy == "inherit" else args.omp_wait_policy
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     return (f"torch {torch.__version__}, {cpu}, {os.cpu_count()} CPUs, threads "
-            f"{args.threads or torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+            f"{args.threads or torch.get_num_threads()}, OMP_WAIT_POLICY={policy}, "
             f"load average {os.getloadavg()[0]:.1f}")
 
 
@@ -146,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: naive, flash, sdpa")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each case (default: torch's)")
+    p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "inherit"],
+                   help="OMP_WAIT_POLICY of each case (default PASSIVE; 'inherit' keeps this environment's)")
     p.add_argument("--heads", type=int, default=9)
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
@@ -157,7 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_case(impl, int(seq_len), dtype, args.heads, args.kv_heads, args.head_dim,
                                   args.repeats, args.threads)))
         return
-    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    try:
+        seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    except ValueError:
+        p.error(f"--seq-lens={args.seq_lens!r}: expected comma-separated positive integers, e.g. 512,1024")
+    if min(seq_lens) < 1 or args.repeats < 1:
+        p.error(f"--seq-lens values and --repeats must be >= 1 (got {args.seq_lens!r}, {args.repeats})")
     dtypes, impls = args.dtypes.split(","), args.impls.split(",")
     for name, allowed in (("dtype", ("float32", "bfloat16")), ("impl", IMPLS)):
         bad = [x for x in (dtypes if name == "dtype" else impls) if x not in allowed]

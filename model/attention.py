@@ -13,7 +13,7 @@ prefix, and decode. Hkv must divide Hq (MHA, GQA, MQA).
 - `sdpa_attention` is torch's fused kernel, for comparison.
 The paged (KV-cache) forms live in `model.paged_attention`; they share `OnlineSoftmax` and the
 helpers below. Half-precision inputs are computed in float32 and the output cast back: this CPU
-(AVX2, no bf16 matmul units) multiplies bfloat16 matrices ~40x slower than float32 ones.
+(AVX2, no bf16 matmul units) runs batched bfloat16 matmuls 20x or more slower than float32 ones.
 """
 from __future__ import annotations
 

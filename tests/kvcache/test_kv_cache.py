@@ -118,9 +118,13 @@ def test_kv_cache_tensors(n_kv, dtype):
 
 def test_too_small_budget_is_a_clear_error():
     kv = layout(3, 4)
-    with pytest.raises(ValueError, match=rf"KV budget holds 1 blocks of {kv.bytes_per_block} bytes; need at least 2 .*raise kv_cache_memory"):
-        KVCache.for_model(SMOLLM2, budget_bytes=2 * kv.bytes_per_block - 1, block_size=16, dtype=torch.float32, device="cpu")
+
+    def cache(budget: int) -> KVCache:
+        return KVCache.for_model(SMOLLM2, budget_bytes=budget, block_size=16, dtype=torch.float32, device="cpu")
+
+    with pytest.raises(ValueError, match=rf"KV budget holds 1 blocks of {kv.bytes_per_block} bytes; "
+                                         r"need at least 2 .*raise kv_cache_memory"):
+        cache(2 * kv.bytes_per_block - 1)
     with pytest.raises(ValueError, match=r"KV budget holds 0 blocks"):
-        KVCache.for_model(SMOLLM2, budget_bytes=1000, block_size=16, dtype=torch.float32, device="cpu")
-    assert KVCache.for_model(SMOLLM2, budget_bytes=2 * kv.bytes_per_block, block_size=16,
-                             dtype=torch.float32, device="cpu").capacity_tokens == 16
+        cache(1000)
+    assert cache(2 * kv.bytes_per_block).capacity_tokens == 16

@@ -104,7 +104,8 @@ def test_mixed_ragged_steps_match_dense_forward(models, variant, attention, bloc
     plan = {"decode": (rng.randint(17, 40), 1), "chunk": (rng.randint(3, 20), rng.randint(6, 18)),
             "fresh": (0, rng.randint(11, 35)), "short": (0, 2), "decode2": (rng.randint(2, 9), 1)}
     seqs = {name: Seq(random_tokens(rng, prefix + new + 1)) for name, (prefix, new) in plan.items()}
-    cache, blocks = new_cache(CONFIGS[variant], block_size, 200 // block_size + 40), BlockList(200 // block_size + 40, 1)
+    num_blocks = 200 // block_size + 40
+    cache, blocks = new_cache(CONFIGS[variant], block_size, num_blocks), BlockList(num_blocks, 1)
     got: dict[str, list[torch.Tensor]] = {name: [] for name in seqs}
 
     steps = [
@@ -126,18 +127,19 @@ def test_mixed_ragged_steps_match_dense_forward(models, variant, attention, bloc
 @pytest.mark.parametrize("attention", ATTENTIONS)
 def test_long_context_spans_several_tiles(models, attention, block_size):
     """300 tokens: two key tiles of the paged flash path (256-token tiles), prefilled in chunks of
-    200 (two 128-token query tiles) and 99, then two decodes beside a short sequence."""
+    200 (two 128-token query tiles) and 99 beside a short prompt, then a decode beside its decode."""
     model = models["gqa"]
     model.set_attention(attention)
     rng = random.Random(block_size)
-    long, short = Seq(random_tokens(rng, 301)), Seq(random_tokens(rng, 6))
-    cache, blocks = new_cache(CONFIGS["gqa"], block_size, 400 // block_size + 8), BlockList(400 // block_size + 8, 2)
+    long, short = Seq(random_tokens(rng, 300)), Seq(random_tokens(rng, 6))
+    num_blocks = 400 // block_size + 8
+    cache, blocks = new_cache(CONFIGS["gqa"], block_size, num_blocks), BlockList(num_blocks, 2)
     got_long = step(model, cache, blocks, [(long, 200)])
     got_short, rows = step(model, cache, blocks, [(short, 5), (long, 99)])
     got_long.append(rows)
     rows, last_short = step(model, cache, blocks, [(long, 1), (short, 1)])
     got_long.append(rows)
-    torch.testing.assert_close(torch.cat(got_long), dense_logits(model, long.tokens[:300]), **TOL)
+    torch.testing.assert_close(torch.cat(got_long), dense_logits(model, long.tokens), **TOL)
     torch.testing.assert_close(torch.cat([got_short, last_short]), dense_logits(model, short.tokens), **TOL)
 
 
