@@ -20,6 +20,7 @@ import torch
 
 from model.loader import load_model, smollm2_gguf_path
 from model.sampling_params import SamplingParams
+from service.cli import auto_dtype
 from service.config import EngineConfig
 from service.engine import Engine
 
@@ -80,13 +81,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", default="1,8,32,64")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="auto = what `kvserve serve --dtype auto` picks on this machine")
     p.add_argument("--attention", choices=("flash", "sdpa", "naive"), default="flash")
     p.add_argument("--kv-cache-memory", type=int, default=1 << 30)
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    if args.dtype == "auto":
+        args.dtype = auto_dtype("cpu")
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_model("smollm2-135m", dtype=dtype, attention=args.attention, progress=False)
     prompts = make_prompts(args.num_requests, args.prompt_len, model.config.vocab_size, args.seed)

@@ -247,7 +247,8 @@ def plot(rows: list[VariantRow], levels: list[int], path: Path) -> None:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny | PATH")
     p.add_argument("--variants", default="mha,gqa-3,mqa", help="comma list of native, mha, gqa-N, mqa")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="KV / serving dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_BYTES)],
+                   help="KV / serving dtype; auto = what `kvserve serve --dtype auto` picks on this machine")
     p.add_argument("--kv-budget", default="1GiB", help="KV bytes per variant (footprint table and server)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the 'seqs that fit' column")
@@ -292,6 +293,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     import torch  # heavy imports only once the options are known to be good
     from model.loader import load_base
     from model.variants import with_variant
+    from service.cli import auto_dtype
+
+    if args.dtype == "auto":
+        args.dtype = auto_dtype("cpu")
 
     loaded = load_base(args.model, dtype=torch.float32, device="cpu")
     base, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
