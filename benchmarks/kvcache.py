@@ -116,7 +116,7 @@ def simulate_memory(requests: list[_Request], *, num_blocks: int, block_size: in
 def report_memory(args) -> None:
     layout = KVLayout(SMOLLM2.n_layers, SMOLLM2.n_kv_heads, SMOLLM2.head_dim, 2, args.block_size)
     budget = parse_bytes(args.kv_memory)
-    num_blocks = layout.num_blocks(budget)
+    num_blocks = layout.num_blocks(budget) + 1  # the manager counts the null block too
     requests = long_tailed_workload(args.num_requests, args.max_model_len, args.seed)
     prompts = [r.prompt_len for r in requests]
     outputs = [r.output_len for r in requests]
@@ -209,7 +209,7 @@ def report_variants(args) -> None:
         n_kv = parse_variant(variant, SMOLLM2.n_heads, SMOLLM2.n_kv_heads)
         for dtype, nbytes in DTYPE_BYTES.items():
             layout = KVLayout(SMOLLM2.n_layers, n_kv, SMOLLM2.head_dim, nbytes, args.block_size)
-            usable = max(0, layout.num_blocks(budget) - 1)  # the null block stores nothing
+            usable = layout.num_blocks(budget)
             print(f"| {variant} | {n_kv} | {dtype} | {layout.bytes_per_token:,} | {layout.bytes_per_block:,} | "
                   f"{layout.num_blocks(budget):,} | {layout.capacity_tokens(budget):,} | {usable // seq_blocks:,} |")
     print()

@@ -55,7 +55,7 @@ def footprint(cfg, variant: str, dtype_bytes: int, budget: int, block_size: int,
 
     n_kv = parse_variant(variant, cfg.n_heads, cfg.n_kv_heads)
     layout = KVLayout(cfg.n_layers, n_kv, cfg.head_dim, dtype_bytes, block_size)
-    usable_blocks = max(0, layout.num_blocks(budget) - 1)  # block 0 is the null block
+    usable_blocks = layout.num_blocks(budget)
     blocks_per_seq = -(-seq_len // block_size)
     return VariantRow(variant, n_kv, layout.bytes_per_token, layout.capacity_tokens(budget),
                       usable_blocks // blocks_per_seq)

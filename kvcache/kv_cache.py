@@ -1,8 +1,10 @@
 """KV storage: the torch side of the paged cache, sized from a byte budget.
 
 K and V are one tensor each with a layer axis: (n_layers, num_blocks, block_size, n_kv_heads,
-head_dim), in the model's dtype and on its device. Block 0 is the null block: the block pool never
-hands it out, and block tables are padded with it.
+head_dim), in the model's dtype and on its device. The byte budget buys whole data blocks; one
+more block, block 0, is the null block beside the budget: the block pool never hands it out and
+block tables are padded with it. So capacities compare exactly across variants: at a budget that
+is a multiple of MHA's block, MQA holds exactly n_heads times MHA's tokens.
 """
 from __future__ import annotations
 
@@ -48,20 +50,21 @@ class KVLayout:
         return self.bytes_per_token * self.block_size
 
     def num_blocks(self, budget_bytes: int) -> int:
-        """Blocks that fit in the budget, including the reserved null block."""
+        """Data blocks that fit in the budget (the null block comes on top)."""
         return budget_bytes // self.bytes_per_block
 
     def capacity_tokens(self, budget_bytes: int) -> int:
-        """Tokens the usable blocks hold (the null block stores nothing)."""
-        return max(0, self.num_blocks(budget_bytes) - 1) * self.block_size
+        """Tokens the budget's blocks hold."""
+        return self.num_blocks(budget_bytes) * self.block_size
 
 
 class KVCache:
     def __init__(self, layout: KVLayout, num_blocks: int, dtype: torch.dtype, device: torch.device | str):
+        """num_blocks counts the null block: num_blocks - 1 blocks store tokens."""
         if num_blocks < 2:
             raise ValueError(
-                f"KV budget holds {num_blocks} blocks of {layout.bytes_per_block} bytes; need at least 2 "
-                "(one is the reserved null block): raise kv_cache_memory"
+                f"KV budget holds {num_blocks - 1} blocks of {layout.bytes_per_block} bytes; need at least 1: "
+                "raise kv_cache_memory"
             )
         self.layout = layout
         self.num_blocks = num_blocks
@@ -73,7 +76,7 @@ class KVCache:
     def for_model(cls, cfg, *, budget_bytes: int, block_size: int, dtype: torch.dtype,
                   device: torch.device | str) -> "KVCache":
         layout = KVLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, torch.finfo(dtype).bits // 8, block_size)
-        return cls(layout, layout.num_blocks(budget_bytes), dtype, device)
+        return cls(layout, layout.num_blocks(budget_bytes) + 1, dtype, device)
 
     @property
     def block_size(self) -> int:

@@ -348,8 +348,8 @@ def test_footprint_of_smollm2_by_hand():
     from model.config import PRESETS
     cfg = PRESETS["smollm2-135m"]
     gib = 2**30
-    # bytes/token = 2 * 30 layers * n_kv * 64 * 2 bytes; blocks of 16 tokens, one null block; 2048 = 128 blocks
-    expected = {"gqa-3": (3, 23040, 2911 * 16, 22), "mha": (9, 69120, 969 * 16, 7), "mqa": (1, 7680, 8737 * 16, 68)}
+    # bytes/token = 2 * 30 layers * n_kv * 64 * 2 bytes; whole blocks of 16 tokens; 2048 = 128 blocks
+    expected = {"gqa-3": (3, 23040, 2912 * 16, 22), "mha": (9, 69120, 970 * 16, 7), "mqa": (1, 7680, 8738 * 16, 68)}
     for variant, (n_kv, bpt, cap, seqs) in expected.items():
         row = footprint(cfg, variant, 2, gib, 16, 2048)
         assert (row.n_kv_heads, row.bytes_per_token, row.capacity_tokens, row.concurrent_seqs) == (n_kv, bpt, cap, seqs)

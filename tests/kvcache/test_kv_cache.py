@@ -47,15 +47,14 @@ def test_num_blocks_is_budget_floor_divided_by_block_bytes(dtype_bytes, block_si
             blocks = budget // kv.bytes_per_block
             assert kv.num_blocks(budget) == blocks
             assert blocks * kv.bytes_per_block <= budget < (blocks + 1) * kv.bytes_per_block
-            assert kv.capacity_tokens(budget) == (blocks - 1) * block_size  # block 0 is the null block
+            assert kv.capacity_tokens(budget) == blocks * block_size  # the null block is beside the budget
 
 
 @pytest.mark.parametrize("dtype_bytes", DTYPES.values())
 def test_mqa_holds_nine_times_the_tokens_of_mha(dtype_bytes):
     """Budgets that are whole multiples of MHA's bytes_per_block make every floor division exact
     (MQA's block is exactly 1/9 of MHA's), so MQA gets exactly 9x the blocks of MHA and GQA-3
-    exactly 3x. capacity_tokens excludes each pool's one reserved null block, so the exact
-    relation for tokens is (capacity + block_size) -- all blocks' slots -- in ratio 9 and 3."""
+    exactly 3x; the null block sits beside the budget, so capacities are in ratio 9 and 3 too."""
     mha, gqa, mqa = (layout(n, dtype_bytes) for n in VARIANTS.values())
     assert mha.bytes_per_token == 9 * mqa.bytes_per_token == 3 * gqa.bytes_per_token
     for blocks in (2, 1000, GiB // mha.bytes_per_block):
@@ -63,7 +62,7 @@ def test_mqa_holds_nine_times_the_tokens_of_mha(dtype_bytes):
         assert mha.num_blocks(budget) == blocks
         assert mqa.num_blocks(budget) == 9 * blocks
         assert gqa.num_blocks(budget) == 3 * blocks
-        slots = {name: kv.capacity_tokens(budget) + kv.block_size for name, kv in zip(VARIANTS, (mha, gqa, mqa))}
+        slots = {name: kv.capacity_tokens(budget) for name, kv in zip(VARIANTS, (mha, gqa, mqa))}
         assert slots["mqa"] == 9 * slots["mha"] == 9 * blocks * 16
         assert slots["gqa-3"] == 3 * slots["mha"]
     # At an arbitrary budget MQA's floor division keeps up to 8 more blocks than 9x MHA's.
@@ -71,10 +70,9 @@ def test_mqa_holds_nine_times_the_tokens_of_mha(dtype_bytes):
 
 
 def test_one_gib_bfloat16_capacities():
-    """1 GiB of bf16 blocks of 16: whole blocks only, minus the null block."""
-    expected = {"mha": (GiB // (16 * 69120) - 1) * 16, "gqa-3": (GiB // (16 * 23040) - 1) * 16,
-                "mqa": (GiB // (16 * 7680) - 1) * 16}
-    assert expected == {"mha": 15504, "gqa-3": 46576, "mqa": 139792}
+    """1 GiB of bf16 blocks of 16: whole blocks only."""
+    expected = {"mha": GiB // (16 * 69120) * 16, "gqa-3": GiB // (16 * 23040) * 16, "mqa": GiB // (16 * 7680) * 16}
+    assert expected == {"mha": 15520, "gqa-3": 46592, "mqa": 139808}
     for name, n_kv in VARIANTS.items():
         assert layout(n_kv, 2).capacity_tokens(GiB) == expected[name]
 
@@ -106,13 +104,13 @@ def test_kv_cache_tensors(n_kv, dtype):
     kv = layout(n_kv, DTYPES[dtype], block_size=16)
     budget = 5 * kv.bytes_per_block + kv.bytes_per_block // 2  # 5.5 blocks: 5 whole ones
     cache = KVCache.for_model(cfg, budget_bytes=budget, block_size=16, dtype=dtype, device="cpu")
-    assert cache.num_blocks == 5 and cache.block_size == 16
-    assert cache.capacity_tokens == 4 * 16
+    assert cache.num_blocks == 6 and cache.block_size == 16  # 5 data blocks and the null block
+    assert cache.capacity_tokens == 5 * 16
     for tensor in (cache.k, cache.v):
-        assert tensor.shape == (30, 5, 16, n_kv, 64)  # (n_layers, num_blocks, block_size, Hkv, D)
+        assert tensor.shape == (30, 6, 16, n_kv, 64)  # (n_layers, num_blocks, block_size, Hkv, D)
         assert tensor.dtype == dtype and tensor.device.type == "cpu"
         assert not tensor.any()  # starts zeroed: padded reads of the null block are finite
-    assert cache.nbytes == 5 * kv.bytes_per_block <= budget
+    assert cache.nbytes == 6 * kv.bytes_per_block  # the budget's 5 blocks plus the null block
     assert cache.k.data_ptr() != cache.v.data_ptr()
 
 
@@ -122,9 +120,7 @@ def test_too_small_budget_is_a_clear_error():
     def cache(budget: int) -> KVCache:
         return KVCache.for_model(SMOLLM2, budget_bytes=budget, block_size=16, dtype=torch.float32, device="cpu")
 
-    with pytest.raises(ValueError, match=rf"KV budget holds 1 blocks of {kv.bytes_per_block} bytes; "
-                                         r"need at least 2 .*raise kv_cache_memory"):
-        cache(2 * kv.bytes_per_block - 1)
-    with pytest.raises(ValueError, match=r"KV budget holds 0 blocks"):
-        cache(1000)
-    assert cache(2 * kv.bytes_per_block).capacity_tokens == 16
+    with pytest.raises(ValueError, match=rf"KV budget holds 0 blocks of {kv.bytes_per_block} bytes; "
+                                         r"need at least 1: raise kv_cache_memory"):
+        cache(kv.bytes_per_block - 1)
+    assert cache(kv.bytes_per_block).capacity_tokens == 16

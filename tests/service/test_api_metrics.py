@@ -37,13 +37,13 @@ def test_footprint_of_each_variant_equals_the_formula(server):
         v = (("variant", variant),)
         bytes_per_token = 2 * cfg.n_layers * n_kv * cfg.head_dim * DTYPE_BYTES
         bytes_per_block = bytes_per_token * BLOCK
-        total_blocks = BUDGET // bytes_per_block        # the first one is the reserved null block
+        data_blocks = BUDGET // bytes_per_block         # the null block comes on top of the budget
         assert m[("kvserve_kv_cache_bytes_per_token", v)] == bytes_per_token
         assert m[("kvserve_kv_cache_bytes_per_block", v)] == bytes_per_block
         assert m[("kvserve_kv_cache_block_size_tokens", v)] == BLOCK
-        assert m[("kvserve_kv_cache_num_blocks", v)] == total_blocks - 1
-        assert m[("kvserve_kv_cache_capacity_tokens", v)] == (total_blocks - 1) * BLOCK
-        assert m[("kvserve_kv_cache_memory_bytes", v)] == total_blocks * bytes_per_block
+        assert m[("kvserve_kv_cache_num_blocks", v)] == data_blocks
+        assert m[("kvserve_kv_cache_capacity_tokens", v)] == data_blocks * BLOCK
+        assert m[("kvserve_kv_cache_memory_bytes", v)] == (data_blocks + 1) * bytes_per_block
         assert m[("kvserve_engine_alive", v)] == 1
         infos = [dict(labels) for name, labels in m if name == "kvserve_model_info"
                  and dict(labels)["variant"] == variant]
@@ -52,8 +52,8 @@ def test_footprint_of_each_variant_equals_the_formula(server):
         assert labels == {"variant": variant, "model": "tiny", "n_heads": str(cfg.n_heads), "n_kv_heads": str(n_kv),
                           "head_dim": str(cfg.head_dim), "n_layers": str(cfg.n_layers), "dtype": "float32",
                           "attention": "flash", "block_size": str(BLOCK)}
-    # the same byte budget holds 4x the tokens with MQA as with MHA
-    assert m[("kvserve_kv_cache_capacity_tokens", (("variant", "mqa"),))] >= \
+    # the same byte budget holds exactly n_heads = 4x the tokens with MQA as with MHA
+    assert m[("kvserve_kv_cache_capacity_tokens", (("variant", "mqa"),))] == \
         4 * m[("kvserve_kv_cache_capacity_tokens", (("variant", "mha"),))]
 
 
