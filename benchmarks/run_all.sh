@@ -3,6 +3,7 @@
 set -u
 cd "$(dirname "$0")/.."
 mkdir -p bench_results
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # as kvserve serve sets it
 R=bench_results
 PY=.venv/bin/python
 KV=.venv/bin/kvserve

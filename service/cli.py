@@ -7,11 +7,16 @@ from either, is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import re
-import sys
+
+# Before torch loads OpenMP: the engine thread shares the cores with the event loop (and other
+# engines), and spin-waiting OpenMP workers slow every small op of a decode step several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
 
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _VARIANT = re.compile(r"native|mha|mqa|gqa-[0-9]+")
