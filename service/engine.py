@@ -117,10 +117,10 @@ class Engine:
             raise RequestError(f"max_tokens={params.max_tokens} is too large: with a {prompt_len}-token prompt "
                                f"it must be in [1, {limit - prompt_len}] (max_model_len {limit})", "max_tokens")
         vocab = self.model.config.vocab_size
-        for name, ids in (("stop_token_ids", params.stop_token_ids),):
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"{name} contains {bad[0]}: token ids must be in [0, {vocab - 1}]", name)
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"stop_token_ids contains {bad[0]}: token ids must be in [0, {vocab - 1}]",
+                               "stop_token_ids")
 
     def abort(self, request_id: str) -> None:
         with self._lock:
