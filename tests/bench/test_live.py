@@ -113,7 +113,7 @@ def test_locustfile_reports_ttft_and_itl(server, tmp_path):
 def test_variants_report_end_to_end_on_tiny(tmp_path, capsys):
     from model.loader import load_base
 
-    rc = cli.main(["variants", "--model", "tiny", "--variants", "mha,gqa-2,mqa", "--kv-budget", "8MiB",
+    rc = cli.main(["variants", "--model", "tiny", "--variants", "mha,gqa-2,mqa", "--kv-budget", "8MiB", "--dtype", "float32",
                    "--ppl-tokens", "100", "--ppl-window", "128", "--concurrency", "1,4", "--rounds", "1",
                    "--input-len", "16", "--output-len", "8", "--out", str(tmp_path)])
     assert rc == 0
@@ -128,8 +128,8 @@ def test_variants_report_end_to_end_on_tiny(tmp_path, capsys):
     assert set(rows) == {"mha", "gqa-2", "mqa"} and "(native)" in rows["gqa-2"][0]
     for variant, n_kv in (("mha", 4), ("gqa-2", 2), ("mqa", 1)):
         cells = rows[variant]
-        bytes_per_token = 2 * 2 * n_kv * 16 * 2            # K and V, 2 layers, head_dim 16, bfloat16
-        usable_blocks = 8 * 2**20 // (bytes_per_token * 16) - 1
+        bytes_per_token = 2 * 2 * n_kv * 16 * 4            # K and V, 2 layers, head_dim 16, float32
+        usable_blocks = 8 * 2**20 // (bytes_per_token * 16)  # the null block sits beside the budget
         assert cells[1:5] == [str(n_kv), f"{bytes_per_token:,}", f"{usable_blocks * 16:,}", f"{usable_blocks // 128:,}"]
         assert all(float(c) > 0 for c in cells[7:10])      # tok/s at 1 and 4, TTFT p50 at 4
     assert rows["mha"][6] == "1.000"                      # repeating K/V heads is exact
