@@ -179,6 +179,19 @@ def create_app(state: "ServerState") -> FastAPI:
                  for mid, e in zip(state.model_ids(), state.engines.values())]
         return JSONResponse(ModelList(data=cards).model_dump())
 
+    async def openai_response(request: Request, variant: str, engine: "Engine", prompts, params,
+                              answer: Callable[[str], OpenAIAnswer], *, chat: bool, stream: bool):
+        """Run the engine requests of one OpenAI call; answer as one JSON body or as SSE."""
+        prefix = "chatcmpl" if chat else "cmpl"
+        if not stream:
+            outputs, rid = await run_to_end(request.receive, variant, engine, prompts, params, prefix)
+            whole = answer(rid)
+            return JSONResponse((whole.chat if chat else whole.completion)(outputs).model_dump())
+        gen, _ = await unless_disconnected(request.receive, submit(variant, engine, prompts, params, prefix))
+        parts = answer(gen.request_id)
+        events = (parts.chat_stream if chat else parts.completion_stream)(gen.events(), len(prompts))
+        return _EventStream(events, gen.close)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body: CompletionRequest = await read(request, CompletionRequest)
@@ -200,12 +213,7 @@ def create_app(state: "ServerState") -> FastAPI:
             return OpenAIAnswer(id=rid, created=created, model=model_id, n=body.n, logprobs=body.logprobs is not None,
                                 include_usage=body.include_usage, token_strings=token_strings)
 
-        if not body.stream:
-            outputs, rid = await run_to_end(request.receive, variant, engine, prompts, params, "cmpl")
-            return JSONResponse(answer(rid).completion(outputs).model_dump())
-
-        gen, _ = await unless_disconnected(request.receive, submit(variant, engine, prompts, params, "cmpl"))
-        return _EventStream(answer(gen.request_id).completion_stream(gen.events(), len(prompts)), gen.close)
+        return await openai_response(request, variant, engine, prompts, params, answer, chat=False, stream=body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -232,12 +240,7 @@ def create_app(state: "ServerState") -> FastAPI:
             return OpenAIAnswer(id=rid, created=created, model=model_id, n=body.n, logprobs=body.logprobs,
                                 include_usage=body.include_usage, token_strings=token_strings, token_bytes=token_bytes)
 
-        if not body.stream:
-            outputs, rid = await run_to_end(request.receive, variant, engine, prompts, params, "chatcmpl")
-            return JSONResponse(answer(rid).chat(outputs).model_dump())
-
-        gen, _ = await unless_disconnected(request.receive, submit(variant, engine, prompts, params, "chatcmpl"))
-        return _EventStream(answer(gen.request_id).chat_stream(gen.events(), len(prompts)), gen.close)
+        return await openai_response(request, variant, engine, prompts, params, answer, chat=True, stream=body.stream)
 
     @app.post("/generate")
     async def generate(request: Request):
