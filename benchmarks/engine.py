@@ -20,9 +20,9 @@ import torch
 
 from model.loader import load_model, smollm2_gguf_path
 from model.sampling_params import SamplingParams
-from service.cli import auto_dtype
-from service.config import EngineConfig
-from service.engine import Engine
+from model.dtypes import auto_dtype
+from service.engine.config import EngineConfig
+from service.engine.engine import Engine
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

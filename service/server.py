@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 import torch
 import uvicorn
 
-from service.config import EngineConfig
-from service.engine import Engine
+from service.api import ServerState, create_app
+from service.engine import Engine, EngineConfig
 from service.metrics import ServerMetrics
 
 log = logging.getLogger("kvserve.server")
-DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,38 +37,6 @@ class ServeOptions:
     port: int = 8000
     shutdown_timeout: float = 30.0
     log_level: str = "info"
-
-
-@dataclass(slots=True)
-class ServerState:
-    """What the HTTP handlers share: the engines by variant (the first is the default), the tokenizer,
-    metrics, the API key and whether the server is draining."""
-    model_name: str
-    engines: dict[str, Engine]
-    tokenizer: object
-    metrics: ServerMetrics
-    api_key: str | None = None
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    draining: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def default_variant(self) -> str:
-        return next(iter(self.engines))
-
-    def model_ids(self) -> list[str]:
-        return [f"{self.model_name}:{variant}" for variant in self.engines]
-
-    def route(self, model: str | None) -> str:
-        """The variant a request's `model` names: `<model>:<variant>`, or the bare model name (or
-        nothing) for the first variant. LookupError for anything else."""
-        if model is None or model == self.model_name:
-            return self.default_variant
-        name, sep, variant = model.rpartition(":")
-        if sep and name == self.model_name and variant in self.engines:
-            return variant
-        raise LookupError(f"model {model!r} does not exist; available: {', '.join(self.model_ids())} "
-                          f"(or {self.model_name!r} for {self.model_ids()[0]!r})")
 
 
 def served_model_name(source: str) -> str:
@@ -166,8 +133,6 @@ def stop_engines(state: ServerState) -> None:
 
 def run(state: ServerState, opts: ServeOptions) -> int:
     """Start the engines and serve HTTP until a signal has drained the server. Returns the exit status."""
-    from service.api import create_app
-
     for engine in state.engines.values():
         engine.start()
     config = uvicorn.Config(create_app(state), host=opts.host, port=opts.port, log_level=opts.log_level,

@@ -1,0 +1,137 @@
+"""One HTTP request's engine requests: checked, submitted, and merged into one stream of outputs.
+
+An HTTP request asks for n choices of one or more prompts; each choice is its own engine request,
+with the id `<request id>-<i>`. `check_prompts` refuses up front what the engine would refuse;
+`submit` waits until every choice has started (so submission errors become an answer before
+anything is sent); `run_to_end` collects everything for a JSON answer. Every failure is an
+APIError; whatever has not finished when a Generation closes is aborted, which frees its KV blocks.
+No FastAPI here.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from service.api.errors import bad_request, failed, unavailable
+from service.api.disconnect import unless_disconnected
+from service.engine.errors import EngineDeadError, QueueFullError, RequestError
+from service.engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from service.engine.engine import Engine
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Generation:
+    """The engine requests behind one HTTP request (n choices x prompts), merged into one stream of
+    (choice index, output). `start()` raises submission errors before anything is answered."""
+
+    def __init__(self, engine: "Engine", prompts: list[list[int]], params: list, request_id: str):
+        self.engine = engine
+        self.request_id = request_id
+        self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pumps = [asyncio.ensure_future(self._pump(i, engine.generate(p, sp, rid)))
+                       for i, (p, sp, rid) in enumerate(zip(prompts, params, self.ids))]
+        self._ready: list[tuple[int, RequestOutput]] = []
+        self.finished = [False] * len(prompts)
+
+    async def _pump(self, index: int, outputs: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in outputs:
+                self._queue.put_nowait((index, out))
+        except Exception as exc:  # submission errors (queue full, ...) reach start() this way
+            self._queue.put_nowait((index, exc))
+
+    async def start(self) -> list[RequestOutput]:
+        """Waits for every choice's first output (engine errors raised as they are); returns them."""
+        firsts: dict[int, RequestOutput] = {}
+        while len(firsts) < len(self.ids):
+            index, item = await self._queue.get()
+            if isinstance(item, Exception):
+                self.close()
+                raise item
+            firsts.setdefault(index, item)
+            self._ready.append((index, item))
+        return [firsts[i] for i in range(len(self.ids))]
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every output until all choices finish (those start() saw come first)."""
+        try:
+            while not all(self.finished):
+                index, item = self._ready.pop(0) if self._ready else await self._queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                self.finished[index] = item.finished
+                yield index, item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop everything unfinished; the engine frees its blocks within one step."""
+        for pump in self._pumps:
+            pump.cancel()
+        for rid, done in zip(self.ids, self.finished):
+            if not done:
+                self.engine.abort(rid)
+
+
+def check_prompts(variant: str, engine: "Engine", prompts: list[list[int]], params, names: dict[str, str]) -> None:
+    """Everything the engine would refuse, refused here with the field's API name."""
+    vocab = engine.model.config.vocab_size
+    for prompt, sp in zip(prompts, params):
+        if not prompt:
+            raise bad_request(RequestError("prompt is empty: it must have at least 1 token", "prompt"),
+                              variant, names)
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(RequestError(f"prompt token id {bad} is out of range [0, {vocab - 1}]", "prompt"),
+                              variant, names)
+        try:
+            engine.validate(len(prompt), sp)
+        except RequestError as exc:
+            raise bad_request(exc, variant, names,
+                              "too_long" if exc.param in ("prompt", "max_tokens") else "invalid") from None
+
+
+async def submit(variant: str, engine: "Engine", prompts, params, prefix: str) -> tuple[Generation, list]:
+    """A started Generation and every choice's first output, or the APIError to answer instead."""
+    gen = Generation(engine, prompts, params, new_request_id(prefix))
+    try:
+        firsts = await gen.start()
+    except QueueFullError as exc:
+        raise unavailable(f"server busy: {exc}; retry later", "queue_full", "queue_full", variant) from None
+    except EngineDeadError as exc:
+        raise unavailable(str(exc), "engine_unavailable", "draining", variant) from None
+    except RequestError as exc:
+        raise bad_request(exc, variant, {}) from None
+    except BaseException:
+        gen.close()
+        raise
+    error = failed(firsts)
+    if error is not None:
+        gen.close()
+        raise error
+    return gen, firsts
+
+
+async def run_to_end(receive, variant, engine, prompts, params, prefix) -> tuple[list[list[RequestOutput]], str]:
+    """Non-streaming: every output of every choice, or an error; aborted if the client leaves
+    (`receive`: the request's ASGI receive channel)."""
+    async def collect():
+        gen, _ = await submit(variant, engine, prompts, params, prefix)
+        outputs: list[list[RequestOutput]] = [[] for _ in prompts]
+        async for index, out in gen.events():
+            outputs[index].append(out)
+        return outputs, gen.request_id
+
+    outputs, rid = await unless_disconnected(receive, collect())
+    error = failed([outs[-1] for outs in outputs])
+    if error is not None:
+        raise error
+    return outputs, rid

@@ -1,0 +1,276 @@
+"""OpenAI's bodies: completions and chat completions (requests, responses, stream chunks, usage), models.
+
+Requests parse strictly and convert to SamplingParams (see service.api.protocol); `n` choices of one
+request each get their own seed. Logprob shapes are in service.api.protocol_logprobs. No FastAPI here.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, field_validator, model_serializer
+
+from model.sampling_params import SamplingParams
+from service.engine.errors import RequestError
+from service.api.protocol import RequestBody, sampling_params
+from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs
+
+MAX_N = 16          # choices per request
+MAX_CHOICES = 128   # prompts x n of one completions request
+
+
+def _stop_tuple(value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _check_n(n: int) -> int:
+    if not 1 <= n <= MAX_N:
+        raise ValueError(f"n={n} is out of range: must be in [1, {MAX_N}]")
+    return n
+
+
+class StreamOptions(RequestBody):
+    include_usage: bool = False
+
+
+class _SamplingFields(RequestBody):
+    """The sampling knobs both OpenAI endpoints share (vLLM's extensions included)."""
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n_in_range(cls, v):
+        return _check_n(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _params(self, max_tokens: int, logprobs: int | None, names: dict[str, str], seed_offset: int) -> SamplingParams:
+        return sampling_params(
+            names, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            # each choice its own reproducible stream: the same seed must not give n identical texts
+            seed=None if self.seed is None else self.seed + seed_offset,
+            stop=_stop_tuple(self.stop), stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos, logprobs=logprobs,
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Any
+    max_tokens: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, v):
+        """str | list[str] | list[int] | list[list[int]], never empty."""
+        def is_ids(x):
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        ok = isinstance(v, str) or (isinstance(v, list) and v and (
+            all(isinstance(p, str) for p in v) or is_ids(v) or all(is_ids(p) for p in v)))
+        if not ok:
+            raise ValueError("must be a non-empty string, list of strings, list of token ids or list of token-id lists")
+        return v
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt as text or token ids (RequestError past MAX_CHOICES engine requests)."""
+        v = self.prompt
+        prompts = [v] if isinstance(v, str) or isinstance(v[0], int) else list(v)
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise RequestError(f"{len(prompts)} prompts x n={self.n} is {len(prompts) * self.n} completions; "
+                               f"at most {MAX_CHOICES} per request", "prompt")
+        return prompts
+
+    def to_sampling_params(self, choice: int = 0) -> SamplingParams:
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError(f"best_of={self.best_of} is not supported: only best_of == n", "best_of")
+        return self._params(16 if self.max_tokens is None else self.max_tokens, self.logprobs, {}, choice)
+
+
+class TextPart(RequestBody):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(RequestBody):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v):
+        if isinstance(v, list):
+            for part in v:
+                if part.type != "text" or part.text is None:
+                    raise ValueError(f"content part of type {part.type!r} is not supported: only text")
+        return v
+
+    def as_template_message(self) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        # the templates of small open models know "system" only
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, v):
+        if not v:
+            raise ValueError("must hold at least one message")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v):
+        if v:
+            raise ValueError("tools are not supported")
+        return v
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.as_template_message() for m in self.messages]
+
+    def to_sampling_params(self, room: int, choice: int = 0) -> SamplingParams:
+        """`room`: tokens left in the context after the prompt, the default max_tokens as in OpenAI."""
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._params(max(room, 1) if max_tokens is None else max_tokens, logprobs,
+                            {"max_tokens": name, "logprobs": "top_logprobs"}, choice)
+
+
+# ---- responses ----
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):  # OpenAI sends {"content": "x"}, not {"role": null, ...}
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kvserve"
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

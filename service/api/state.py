@@ -1,0 +1,42 @@
+"""What the HTTP handlers share: engines by variant, tokenizer, metrics, API key, draining flag."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from service.engine import Engine
+from service.metrics import ServerMetrics
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What the HTTP handlers share: the engines by variant (the first is the default), the tokenizer,
+    metrics, the API key and whether the server is draining."""
+    model_name: str
+    engines: dict[str, Engine]
+    tokenizer: object
+    metrics: ServerMetrics
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def default_variant(self) -> str:
+        return next(iter(self.engines))
+
+    def model_ids(self) -> list[str]:
+        return [f"{self.model_name}:{variant}" for variant in self.engines]
+
+    def route(self, model: str | None) -> str:
+        """The variant a request's `model` names: `<model>:<variant>`, or the bare model name (or
+        nothing) for the first variant. LookupError for anything else."""
+        if model is None or model == self.model_name:
+            return self.default_variant
+        name, sep, variant = model.rpartition(":")
+        if sep and name == self.model_name and variant in self.engines:
+            return variant
+        raise LookupError(f"model {model!r} does not exist; available: {', '.join(self.model_ids())} "
+                          f"(or {self.model_name!r} for {self.model_ids()[0]!r})")

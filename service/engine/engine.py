@@ -1,0 +1,316 @@
+"""The engine: one background thread owns the model, the KV cache and every tensor, and steps.
+
+Callers on an asyncio loop use `generate()` (an async iterator of RequestOutput) and `abort()`;
+both only hand messages to the engine thread through a locked inbox, so torch work never blocks
+the event loop. Each step: drain the inbox (new requests, aborts), expire timed-out requests,
+schedule, run the model on the flat batch, sample, then detokenize and deliver outputs back to
+each caller's loop with call_soon_threadsafe. An exception inside a step fails that step's
+requests with an error output; the loop keeps serving. Nothing here is global: several engines
+(one per attention variant) can live in one process.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import torch
+
+from kvcache.kv_cache import KVCache
+from kvcache.manager import KVCacheManager
+from model.sampler import Sampler
+from model.sampling_params import SamplingParams
+from model.transformer import Transformer
+from service.engine.config import EngineConfig
+from service.engine.errors import EngineDeadError, QueueFullError, RequestError
+from service.engine.observer import EngineObserver, EngineStats
+from service.engine.output_processor import OutputProcessor
+from service.engine.outputs import RequestOutput
+from service.engine.request import Request, RequestStatus
+from service.engine.runner import ModelRunner
+from service.engine.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger("kvserve.engine")
+_IDLE_WAIT_S = 0.05
+
+
+def resolve_max_model_len(requested: int | None, context: int, capacity: int) -> int:
+    """min(model context, KV capacity) by default; an explicit value beyond either is refused."""
+    if requested is None:
+        return min(context, capacity)
+    if requested > capacity:
+        raise ValueError(f"max_model_len={requested} exceeds the KV cache capacity of {capacity} tokens: "
+                         "raise kv_cache_memory or lower max_model_len")
+    if requested > context:
+        raise ValueError(f"max_model_len={requested} exceeds the model's context of {context} tokens")
+    return requested
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, config: EngineConfig, *, name: str = "native",
+                 observer: EngineObserver | None = None):
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.observer = observer or EngineObserver()
+        self.kv_cache = KVCache.for_model(model.config, budget_bytes=config.kv_cache_memory,
+                                          block_size=config.block_size, dtype=model.dtype, device=model.device)
+        self.layout = self.kv_cache.layout
+        self.max_model_len = resolve_max_model_len(config.max_model_len, model.config.max_seq_len,
+                                                   self.kv_cache.capacity_tokens)
+        self.kv_manager = KVCacheManager(self.kv_cache.num_blocks, config.block_size,
+                                         enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.kv_cache, self.kv_manager)
+        self.sampler = Sampler()
+        self.outputs = OutputProcessor(tokenizer, self.max_model_len)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: deque[tuple[str, object]] = deque()
+        self._live: dict[str, Request] = {}    # submitted, not finished (guarded by _lock)
+        self._queued: set[str] = set()         # submitted, never admitted: what --max-queue bounds
+        self._requests: dict[str, Request] = {}  # the engine thread's own view
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._crashed: BaseException | None = None
+        self._stats = self._snapshot()
+
+    # ---- caller side (any thread / event loop) ----
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"kvserve-engine-{self.name}", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the loop; requests still unfinished end with finish_reason "abort"."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def validate(self, prompt_len: int, params: SamplingParams) -> None:
+        limit = self.max_model_len
+        if prompt_len == 0:
+            raise RequestError("prompt is empty: it must have at least 1 token", "prompt")
+        if prompt_len >= limit:
+            raise RequestError(f"prompt has {prompt_len} tokens; max_model_len is {limit}, so at most "
+                               f"{limit - 1} prompt tokens fit", "prompt")
+        if prompt_len + params.max_tokens > limit:
+            raise RequestError(f"max_tokens={params.max_tokens} is too large: with a {prompt_len}-token prompt "
+                               f"it must be in [1, {limit - prompt_len}] (max_model_len {limit})", "max_tokens")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"stop_token_ids contains {bad[0]}: token ids must be in [0, {vocab - 1}]",
+                               "stop_token_ids")
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is out of range [0, {vocab - 1}]", "prompt")
+        self.validate(len(prompt_token_ids), params)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        req = Request(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic())
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        req.on_output = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)
+        with self._lock:
+            if not self.is_alive:
+                raise EngineDeadError(f"engine {self.name!r} is not running")
+            if request_id in self._live:
+                raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
+            if len(self._queued) >= self.config.max_queue:
+                raise QueueFullError(f"engine {self.name!r} has {len(self._queued)} waiting requests "
+                                     f"(max_queue={self.config.max_queue})")
+            self._live[request_id] = req
+            self._queued.add(request_id)
+            self._inbox.append(("add", req))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    # ---- engine thread ----
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                self._drain_inbox()
+                self._expire_timeouts()
+                if self.scheduler.has_unfinished():
+                    self._step()
+                else:
+                    self._stats = self._snapshot()
+                    self._wake.wait(_IDLE_WAIT_S if self.config.request_timeout else None)
+        except BaseException as exc:  # the loop itself broke: fail everything, report dead
+            self._crashed = exc
+            log.exception("engine %s crashed", self.name)
+            self._stop.set()
+            self._finish_all("error", f"engine crashed: {exc}")
+        else:
+            self._drain_inbox()
+            self._finish_all("abort", None)
+        self._stats = self._snapshot()  # alive=False from now on
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+        for kind, item in items:
+            if kind == "add":
+                self._requests[item.request_id] = item
+                self.outputs.start(item)
+                self.scheduler.add(item)
+            else:
+                req = self._requests.get(item)
+                if req is not None and not req.is_finished:
+                    self._finish(req, "abort")
+
+    def _expire_timeouts(self) -> None:
+        timeout = self.config.request_timeout
+        if timeout is None:
+            return
+        now = time.monotonic()
+        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+            if now - req.arrival_time > timeout:
+                error = None if req.num_output_tokens else f"request timed out after {timeout:g}s before its first token"
+                self._finish(req, "timeout", error=error)
+
+    def _step(self) -> None:
+        out = self.scheduler.schedule()
+        now = time.monotonic()
+        self._note_admissions(out, now)
+        if not out.scheduled:
+            time.sleep(0.001)  # everything runnable was preempted this step; retry
+            return
+        phase = _phase(out)
+        started = time.perf_counter()
+        try:
+            logits = self.runner.execute(out.scheduled)
+            sampling = [s.request for s in out.scheduled if s.samples]
+            tokens, logprobs = self.sampler.sample(
+                logits, [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
+                [r.output_token_ids for r in sampling], [r.generator for r in sampling])
+        except Exception as exc:  # fail this step's requests, keep serving
+            log.exception("step failed in engine %s", self.name)
+            for s in out.scheduled:
+                self._finish(s.request, "error", error=f"internal error during the model step: {exc}")
+            self._stats = self._snapshot()
+            return
+        self.observer.on_step(phase=phase, duration_s=time.perf_counter() - started,
+                              num_tokens=out.num_tokens, num_seqs=len(out.scheduled))
+        for s in out.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv_manager.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        now = time.monotonic()
+        delivered = []
+        for req, token, logprob in zip(sampling, tokens, logprobs):
+            self._note_token(req, now)
+            output = self.outputs.on_token(req, token, logprob, now)
+            if output.finished:
+                self._retire(req, output.finish_reason, now)
+            delivered.append((req, output))
+        self._stats = self._snapshot()  # before delivery: a caller that sees its end sees its blocks freed
+        for req, output in delivered:
+            self._deliver(req, output)
+
+    def _note_admissions(self, out: SchedulerOutput, now: float) -> None:
+        for _ in out.preempted:
+            self.observer.on_preemption()
+        if not out.admitted:
+            return
+        with self._lock:
+            for req in out.admitted:
+                self._queued.discard(req.request_id)
+        for req in out.admitted:
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            self.observer.on_prefix_lookup(queried_tokens=req.num_tokens, hit_tokens=req.num_computed_tokens)
+
+    def _note_token(self, req: Request, now: float) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.observer.on_first_token(ttft_s=now - req.arrival_time,
+                                         queue_time_s=(req.first_scheduled_time or now) - req.arrival_time)
+        else:
+            self.observer.on_inter_token(latency_s=now - req.last_token_time)
+        req.last_token_time = now
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        """End a request that did not finish by sampling (abort, timeout, error)."""
+        now = time.monotonic()
+        self._retire(req, reason, now)
+        self._stats = self._snapshot()
+        self._deliver(req, self.outputs.output(req, [], "", reason, now, error=error))
+
+    def _retire(self, req: Request, reason: str, now: float) -> None:
+        self.scheduler.finish(req, reason)
+        self._requests.pop(req.request_id, None)
+        with self._lock:
+            self._live.pop(req.request_id, None)
+            self._queued.discard(req.request_id)
+        self.observer.on_request_finished(finish_reason=reason, prompt_tokens=req.num_prompt_tokens,
+                                          generation_tokens=req.num_output_tokens, e2e_s=now - req.arrival_time)
+
+    def _deliver(self, req: Request, output: RequestOutput) -> None:
+        try:
+            req.on_output(output)
+        except RuntimeError:  # the caller's event loop is gone
+            if not req.is_finished:
+                self._finish(req, "abort")
+
+    def _finish_all(self, reason: str, error: str | None) -> None:
+        for req in list(self._requests.values()):
+            if not req.is_finished:
+                self._finish(req, reason, error=error)
+
+    def _snapshot(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv=self.kv_manager.stats(),
+            bytes_per_token=self.layout.bytes_per_token, bytes_per_block=self.layout.bytes_per_block,
+            block_size=self.layout.block_size, capacity_tokens=self.kv_cache.capacity_tokens,
+            kv_memory_bytes=self.kv_cache.nbytes, num_preemptions=self.scheduler.num_preemptions,
+            alive=self._crashed is None and not self._stop.is_set(),
+        )
+
+
+def _phase(out: SchedulerOutput) -> str:
+    decodes = sum(1 for s in out.scheduled if s.request.num_computed_tokens >= s.request.num_prompt_tokens)
+    if decodes == len(out.scheduled):
+        return "decode"
+    return "prefill" if decodes == 0 else "mixed"

@@ -1,0 +1,65 @@
+"""Per-token bookkeeping after sampling: detokenize, match stop conditions, build RequestOutputs.
+
+Runs on the engine thread. Finish rules, in order: a stop token (EOS unless ignore_eos, or one of
+stop_token_ids; its text is not returned), a stop string (cut before the match), max_tokens, then
+max_model_len (both "length"). Text that might still begin a stop string is held back until it is
+ruled out, and released when the request ends for another reason.
+"""
+from __future__ import annotations
+
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.outputs import RequestOutput, TokenLogprob
+from service.engine.request import Request
+from service.engine.stop_strings import StopStringMatcher
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
+
+    def start(self, req: Request) -> None:
+        req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids=req.prompt_token_ids,
+                                                 skip_special_tokens=True)
+        req.stop_matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
+
+    def on_token(self, req: Request, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+        """Append one sampled token; the output says whether the request is now finished."""
+        req.append_token(token_id)
+        params = req.params
+        text = ""
+        reason = None
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            reason = "stop"
+            text = self._release(req)
+        else:
+            text = req.detokenizer.push([token_id])
+            if req.stop_matcher is not None:
+                text, matched = req.stop_matcher.push(text)
+                if matched:
+                    reason = "stop"
+            if reason is None and (req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len):
+                reason = "length"
+                text += self._release(req)
+        return self.output(req, [token_id], text, reason, now, [logprob] if logprob is not None else None)
+
+    def _release(self, req: Request) -> str:
+        """Everything still held back, at a finish that is not a stop-string match."""
+        tail = req.detokenizer.flush()
+        matcher = req.stop_matcher
+        if matcher is None:
+            return tail
+        text, matched = matcher.push(tail)
+        return text if matched else text + matcher.flush()
+
+    def output(self, req: Request, token_ids: list[int], text: str, reason: str | None, now: float,
+               logprobs: list[TokenLogprob] | None = None, error: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=token_ids, new_text=text,
+            finished=reason is not None, finish_reason=reason,
+            prompt_tokens=req.num_prompt_tokens, completion_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens, logprobs=logprobs, error=error,
+            arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time, time=now,
+        )

@@ -1,0 +1,42 @@
+"""Model runner: turns a scheduled step into tensors, runs the paged forward, returns logits.
+
+The only place where the scheduler's Python lists become tensors. It owns the KV cache tensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvcache.kv_cache import KVCache
+from kvcache.manager import KVCacheManager
+from kvcache.metadata import PagedMetadata
+from model.transformer import Transformer
+from service.engine.scheduler import ScheduledRequest
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv_cache: KVCache, kv_manager: KVCacheManager):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.kv_manager = kv_manager
+        self.device = model.device
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> Tensor:
+        """Run one step; logits (float32) for the scheduled requests that sample, in order."""
+        input_ids: list[int] = []
+        query_lens, context_lens, tables, sample_rows = [], [], [], []
+        for item in scheduled:
+            req, n = item.request, item.num_new_tokens
+            start = req.num_computed_tokens
+            input_ids.extend(req.all_token_ids[start:start + n])
+            query_lens.append(n)
+            context_lens.append(start + n)
+            tables.append(self.kv_manager.block_table(req.request_id))
+            if item.samples:
+                sample_rows.append(len(input_ids) - 1)
+        meta = PagedMetadata.build(query_lens=query_lens, context_lens=context_lens, block_tables=tables,
+                                   block_size=self.kv_cache.block_size, device=self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self.model(ids, kv_cache=self.kv_cache, meta=meta, logits_indices=rows).float()

@@ -1,0 +1,214 @@
+"""Helpers for the live-server API tests (this module holds no tests).
+
+`LiveServer` runs the real command line, `python -m service.cli serve --model tiny ...`, in a
+subprocess on a port the OS picks (`--port 0`; the server logs the one it got), so every test
+talks HTTP to uvicorn exactly as a user would. Also: an independent SSE reader, a /metrics
+scrape parsed with prometheus_client's parser, and the greedy reference of the tiny model
+(the same prompt through the no-cache forward, one token at a time).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[3]
+API_KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SHARED_MAX_MODEL_LEN = 160
+_LISTENING = re.compile(r"kvserve listening on (http://[\d.]+:\d+)")
+START_TIMEOUT_S = 180   # a guard against a hung start-up, not a timing assertion
+WAIT_TIMEOUT_S = 60
+
+
+class LiveServer:
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
+        self.args = ["--model", "tiny", "--dtype", "float32", "--host", "127.0.0.1", "--port", "0",
+                     "--log-level", "info", *args]
+        # One intra-op thread: on a 2-core machine shared with other test processes, torch's
+        # spinning worker threads make a tiny model's steps 10-50x slower, not faster.
+        self.env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.lines: list[str] = []
+        self.base_url = ""
+        self._ready = threading.Event()
+
+    def start(self) -> "LiveServer":
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *self.args], cwd=REPO,
+                                     env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read_output, daemon=True).start()
+        if not self._ready.wait(START_TIMEOUT_S) or not self.base_url:
+            self.kill()
+            raise RuntimeError("server did not start:\n" + self.log)
+        return self
+
+    def _read_output(self) -> None:
+        for line in self.proc.stdout:  # drained continuously so the pipe never blocks the server
+            self.lines.append(line)
+            match = _LISTENING.search(line)
+            if match and not self.base_url:
+                self.base_url = match.group(1)
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def signal(self, sig=signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = WAIT_TIMEOUT_S) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(WAIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> "LiveServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- observing it ----
+
+    def metrics(self) -> dict[tuple, float]:
+        """One scrape: {(sample name, sorted (label, value) pairs): value}."""
+        text = httpx.get(self.url("/metrics"), timeout=30).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def metric(self, name: str, **labels) -> float:
+        return self.metrics()[(name, tuple(sorted(labels.items())))]
+
+    def wait_for_metric(self, name: str, expected: float, **labels) -> None:
+        wait_until(lambda: self.metric(name, **labels) == expected,
+                   f"{name}{labels} never became {expected}")
+
+
+_shared: LiveServer | None = None
+
+
+def shared_server() -> LiveServer:
+    """One tiny server (API key on, max_model_len 160) shared by the OpenAI, native and error tests,
+    started on first use and stopped when the test process exits."""
+    global _shared
+    if _shared is None:
+        _shared = LiveServer("--api-key", API_KEY, "--kv-cache-memory", "2MiB",
+                             "--max-model-len", str(SHARED_MAX_MODEL_LEN)).start()
+        atexit.register(_shared.stop)
+    return _shared
+
+
+def open_raw_request(base_url: str, path: str, body: dict) -> socket.socket:
+    """Send a request on a plain socket and return it unread: closing it is a client disconnect."""
+    url = urlsplit(base_url)
+    sock = socket.create_connection((url.hostname, url.port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(data), data))
+    return sock
+
+
+def wait_until(predicate, message: str, timeout: float = WAIT_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        time.sleep(0.02)
+
+
+def read_sse(body: str) -> list[str]:
+    """The data of each event of a text/event-stream body (events end at a blank line)."""
+    events = []
+    for block in body.split("\n\n"):
+        if block.strip():
+            events.append("\n".join(line[5:].removeprefix(" ") for line in block.split("\n")
+                                    if line.startswith("data:")))
+    return events
+
+
+@contextmanager
+def one_thread():
+    """torch on one intra-op thread for a block (see LiveServer: the same reason), then as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@lru_cache(maxsize=None)
+def tiny_model(variant: str = "native"):
+    """What `--model tiny --dtype float32` serves: PRESETS["tiny"] with random weights of seed 0 and
+    the byte-level tokenizer, made here from those parts rather than through the server's loader."""
+    from model.config import PRESETS
+    from model.tokenizer import byte_tokenizer
+    from model.transformer import random_transformer
+    from model.variants import with_variant
+
+    with one_thread():
+        model = random_transformer(PRESETS["tiny"], seed=0, dtype=torch.float32)
+    return (model if variant == "native" else with_variant(model, variant)), byte_tokenizer()
+
+
+@torch.inference_mode()
+def greedy_reference(prompt_ids: list[int], max_tokens: int, *, ignore_eos: bool = True,
+                     variant: str = "native") -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens through the no-cache forward (whole sequence recomputed each token), and the
+    log-softmax each was chosen from."""
+    model, tokenizer = tiny_model(variant)
+    ids, out, logprobs = list(prompt_ids), [], []
+    with one_thread():
+        for _ in range(max_tokens):
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)
+            token = int(lp.argmax())
+            out.append(token)
+            logprobs.append(lp)
+            ids.append(token)
+            if not ignore_eos and token in tokenizer.eos_token_ids:
+                break
+    return out, logprobs
+
+
+def reference_text(token_ids: list[int]) -> str:
+    """What a client sees for these tokens: special tokens (and so a final EOS) are not text."""
+    return tiny_model()[1].decode(token_ids, skip_special_tokens=True)
+
+
+def encode(text: str) -> list[int]:
+    return tiny_model()[1].encode(text, add_special_tokens=True)
+
+
+def chat_prompt_ids(messages: list[dict]) -> list[int]:
+    tokenizer = tiny_model()[1]
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                            add_special_tokens=False)
