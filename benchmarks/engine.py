@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from model.dtypes import auto_dtype
 from model.loader import load_model, smollm2_gguf_path
 from model.sampling_params import SamplingParams
-from model.dtypes import auto_dtype
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 

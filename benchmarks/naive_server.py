@@ -65,7 +65,9 @@ def create_app(dtype: torch.dtype) -> FastAPI:
                 if text is None:
                     break
                 if text:
-                    yield f"data: {json.dumps({'object': 'text_completion', 'created': created, 'model': MODEL_NAME, 'choices': [{'index': 0, 'text': text, 'finish_reason': None}]})}\n\n"
+                    chunk = {"object": "text_completion", "created": created, "model": MODEL_NAME,
+                             "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
             await asyncio.to_thread(worker.join)
             n = generated[0] if generated else 0
             usage = {"prompt_tokens": ids.shape[1], "completion_tokens": n, "total_tokens": ids.shape[1] + n}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 BlockHash = bytes  # a 32-byte SHA-256 digest
 

@@ -20,8 +20,8 @@ All operations are O(1) per block: a deque and an OrderedDict (insertion order =
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from kvcache.block_hash import BlockHash
 

@@ -74,7 +74,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, cfg, *, budget_bytes: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device | str) -> "KVCache":
+                  device: torch.device | str) -> KVCache:
         layout = KVLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, torch.finfo(dtype).bits // 8, block_size)
         return cls(layout, layout.num_blocks(budget_bytes) + 1, dtype, device)
 

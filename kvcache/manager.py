@@ -28,8 +28,8 @@ Invariants (checked by property tests in tests/kvcache/test_manager.py):
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
 
 from kvcache.block_hash import BlockHash, iter_block_hashes
 from kvcache.block_pool import NULL_BLOCK_ID, Block, BlockPool

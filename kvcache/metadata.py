@@ -36,7 +36,7 @@ class PagedMetadata:
     def build(
         cls, *, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
         block_size: int, device: torch.device | str = "cpu",
-    ) -> "PagedMetadata":
+    ) -> PagedMetadata:
         """Derive positions and slots: the new tokens are the last query_lens[s] of each context."""
         positions: list[int] = []
         slots: list[int] = []

@@ -18,7 +18,8 @@ helpers below. Half-precision inputs are computed in float32 and the output cast
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,7 @@ class OnlineSoftmax:
         self.m, self.l, self.acc = m, l, acc
 
     @classmethod
-    def start(cls, m: Tensor, l: Tensor, acc: Tensor) -> "OnlineSoftmax":
+    def start(cls, m: Tensor, l: Tensor, acc: Tensor) -> OnlineSoftmax:
         """Reset the buffers to the empty state: m = -inf, l = 0, acc = 0."""
         return cls(m.fill_(float("-inf")), l.zero_(), acc.zero_())
 

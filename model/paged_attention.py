@@ -17,7 +17,7 @@ its last query_lens[s] positions; they attend causally over its first context_le
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,13 @@ from torch import Tensor
 
 from kvcache.metadata import PagedMetadata
 from model.attention import (
-    DEFAULT_BLOCK_Q, LOG2E, CausalBias, OnlineSoftmax, compute_dtype, naive_attention, sdpa_attention,
+    DEFAULT_BLOCK_Q,
+    LOG2E,
+    CausalBias,
+    OnlineSoftmax,
+    compute_dtype,
+    naive_attention,
+    sdpa_attention,
 )
 
 # Keys per tile: for 32 decoding sequences of SmolLM2 (3 K/V heads) one float32 K tile is 6 MB,

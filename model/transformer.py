@@ -76,7 +76,7 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, attn_name: str,
-                      k_cache: Tensor, v_cache: Tensor, meta: "PagedMetadata") -> Tensor:
+                      k_cache: Tensor, v_cache: Tensor, meta: PagedMetadata) -> Tensor:
         q, k, v = self._qkv(x, cos, sin)  # (N, H, D)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = PAGED_ATTENTION_IMPLS[attn_name](q, k_cache, v_cache, meta)
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
 
-    def forward(self, input_ids: Tensor, kv_cache: "KVCache | None" = None, meta: "PagedMetadata | None" = None,
+    def forward(self, input_ids: Tensor, kv_cache: KVCache | None = None, meta: PagedMetadata | None = None,
                 logits_indices: Tensor | None = None) -> Tensor:
         """No cache: input_ids (B, T) -> logits (B, T, vocab).
 

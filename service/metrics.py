@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 from service.engine.observer import EngineObserver, EngineStats
@@ -38,7 +37,7 @@ _SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class VariantObserver(EngineObserver):
     """What one engine reports, recorded under its variant's label."""
 
-    def __init__(self, metrics: "ServerMetrics", variant: str):
+    def __init__(self, metrics: ServerMetrics, variant: str):
         m, v = metrics, variant
         self._finished = {r: m.requests_finished.labels(v, r) for r in FINISH_REASONS}
         self._steps = {p: m.step_duration.labels(v, p) for p in STEP_PHASES}
@@ -116,7 +115,9 @@ class _EngineStatsCollector:
                                ("running", s.num_running), ("waiting", s.num_waiting),
                                ("alive", int(s.alive and alive_fn()))):
                 fam[key].add_metric([variant], value)
-            for state, value in (("used", s.kv.used_blocks), ("cached", s.kv.cached_blocks), ("free", s.kv.free_blocks - s.kv.cached_blocks)):
+            blocks = (("used", s.kv.used_blocks), ("cached", s.kv.cached_blocks),
+                      ("free", s.kv.free_blocks - s.kv.cached_blocks))
+            for state, value in blocks:
                 fam["blocks"].add_metric([variant, state], value)
             info.add_metric([], {"variant": variant, **labels})
         yield from fam.values()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.loader import load_model, smollm2_gguf_path as find_smollm2_gguf
+from model.loader import load_model
+from model.loader import smollm2_gguf_path as find_smollm2_gguf
 
 
 @pytest.fixture(scope="session")

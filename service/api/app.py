@@ -24,19 +24,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.api.errors import APIError, bad_request, unavailable
 from service.api.disconnect import ClientGone, unless_disconnected, wait_for_disconnect
-from service.engine.errors import RequestError
+from service.api.errors import APIError, bad_request, unavailable
 from service.api.generation import check_prompts, run_to_end, submit
 from service.api.protocol import InvalidBody, error_body, parse_body
-from service.api.protocol_native import (DetokenizeRequest, DetokenizeResponse, GenerateRequest, TokenizeRequest,
-                                     TokenizeResponse)
+from service.api.protocol_native import DetokenizeRequest, DetokenizeResponse, GenerateRequest, TokenizeRequest, TokenizeResponse
 from service.api.protocol_openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from service.api.responses import GenerateAnswer, OpenAIAnswer
+from service.engine.errors import RequestError
 
 if TYPE_CHECKING:
-    from service.engine.engine import Engine
     from service.api.state import ServerState
+    from service.engine.engine import Engine
 
 _MAX_DRAIN_BYTES = 64 << 20  # read past an oversized body up to this, so the client sees the 413
 
@@ -78,7 +77,7 @@ class _EventStream(StreamingResponse):
             raise streamer.exception()  # a bug mid-stream: uvicorn logs it and closes the connection
 
 
-def create_app(state: "ServerState") -> FastAPI:
+def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="kvserve", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer = state.tokenizer
 
@@ -145,7 +144,7 @@ def create_app(state: "ServerState") -> FastAPI:
         except InvalidBody as exc:
             raise APIError(exc.status, str(exc), param=exc.param, reason="invalid") from None
 
-    def route(model: str | None) -> tuple[str, "Engine"]:
+    def route(model: str | None) -> tuple[str, Engine]:
         try:
             variant = state.route(model)
         except LookupError as exc:
@@ -179,7 +178,7 @@ def create_app(state: "ServerState") -> FastAPI:
                  for mid, e in zip(state.model_ids(), state.engines.values())]
         return JSONResponse(ModelList(data=cards).model_dump())
 
-    async def openai_response(request: Request, variant: str, engine: "Engine", prompts, params,
+    async def openai_response(request: Request, variant: str, engine: Engine, prompts, params,
                               answer: Callable[[str], OpenAIAnswer], *, chat: bool, stream: bool):
         """Run the engine requests of one OpenAI call; answer as one JSON body or as SSE."""
         prefix = "chatcmpl" if chat else "cmpl"

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from service.api.errors import bad_request, failed, unavailable
 from service.api.disconnect import unless_disconnected
+from service.api.errors import bad_request, failed, unavailable
 from service.engine.errors import EngineDeadError, QueueFullError, RequestError
 from service.engine.outputs import RequestOutput
 
@@ -31,7 +31,7 @@ class Generation:
     """The engine requests behind one HTTP request (n choices x prompts), merged into one stream of
     (choice index, output). `start()` raises submission errors before anything is answered."""
 
-    def __init__(self, engine: "Engine", prompts: list[list[int]], params: list, request_id: str):
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: list, request_id: str):
         self.engine = engine
         self.request_id = request_id
         self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
@@ -81,7 +81,7 @@ class Generation:
                 self.engine.abort(rid)
 
 
-def check_prompts(variant: str, engine: "Engine", prompts: list[list[int]], params, names: dict[str, str]) -> None:
+def check_prompts(variant: str, engine: Engine, prompts: list[list[int]], params, names: dict[str, str]) -> None:
     """Everything the engine would refuse, refused here with the field's API name."""
     vocab = engine.model.config.vocab_size
     for prompt, sp in zip(prompts, params):
@@ -99,7 +99,7 @@ def check_prompts(variant: str, engine: "Engine", prompts: list[list[int]], para
                               "too_long" if exc.param in ("prompt", "max_tokens") else "invalid") from None
 
 
-async def submit(variant: str, engine: "Engine", prompts, params, prefix: str) -> tuple[Generation, list]:
+async def submit(variant: str, engine: Engine, prompts, params, prefix: str) -> tuple[Generation, list]:
     """A started Generation and every choice's first output, or the APIError to answer instead."""
     gen = Generation(engine, prompts, params, new_request_id(prefix))
     try:

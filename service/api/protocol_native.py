@@ -8,9 +8,9 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from model.sampling_params import SamplingParams
-from service.engine.errors import RequestError
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_openai import ChatMessage
+from service.engine.errors import RequestError
 
 
 class GenerateParameters(RequestBody):

@@ -10,9 +10,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, field_validator, model_serializer
 
 from model.sampling_params import SamplingParams
-from service.engine.errors import RequestError
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs
+from service.engine.errors import RequestError
 
 MAX_N = 16          # choices per request
 MAX_CHOICES = 128   # prompts x n of one completions request

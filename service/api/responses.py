@@ -10,13 +10,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from service.engine.outputs import RequestOutput
 from service.api.protocol import SSE_DONE, error_body, sse_event
 from service.api.protocol_logprobs import chat_logprobs, completion_logprobs
 from service.api.protocol_native import GenerateDetails, GeneratedToken, GenerateResponse, GenerateStreamEvent, Timings
-from service.api.protocol_openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                     ChatCompletionResponse, CompletionChoice, CompletionResponse, Delta,
-                                     PromptTokensDetails, Usage)
+from service.api.protocol_openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    Delta,
+    PromptTokensDetails,
+    Usage,
+)
+from service.engine.outputs import RequestOutput
 
 TokenStrings = Callable[[list[int]], list[str]]
 ChoiceEvents = AsyncIterator[tuple[int, RequestOutput]]

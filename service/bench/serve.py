@@ -18,7 +18,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 from tqdm import tqdm
@@ -203,7 +203,7 @@ def result_document(args: argparse.Namespace, target: Target, summary: Summary, 
     } for r in run.records]
     settings = {k: v for k, v in vars(args).items() if k not in ("api_key", "func", "command")}
     settings["request_rate"] = str(args.request_rate)  # "inf" stays valid JSON
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "base_url": target.base_url,
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "base_url": target.base_url,
             "endpoint": target.endpoint, "model": target.model, "tokens_per_word": tokens_per_word,
             "settings": settings, "summary": asdict(summary), "requests": requests}
 

@@ -291,9 +291,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     import torch  # heavy imports only once the options are known to be good
+
+    from model.dtypes import auto_dtype
     from model.loader import load_base
     from model.variants import with_variant
-    from model.dtypes import auto_dtype
 
     if args.dtype == "auto":
         args.dtype = auto_dtype("cpu")

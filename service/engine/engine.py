@@ -29,7 +29,7 @@ from service.engine.errors import EngineDeadError, QueueFullError, RequestError
 from service.engine.observer import EngineObserver, EngineStats
 from service.engine.output_processor import OutputProcessor
 from service.engine.outputs import RequestOutput
-from service.engine.request import Request, RequestStatus
+from service.engine.request import Request
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerOutput
 

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -224,7 +223,7 @@ def test_the_variant_variable_resolves(scraped):
 
 def test_every_alert_expression_evaluates(scraped):
     prometheus, _, _ = scraped
-    for name, expr in alert_exprs():
+    for _name, expr in alert_exprs():
         prometheus.query(expr)  # parse + evaluation errors fail inside
 
 

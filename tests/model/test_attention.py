@@ -15,7 +15,11 @@ from torch.profiler import ProfilerActivity, profile
 
 import model.attention as attention
 from model.attention import (
-    OnlineSoftmax, flash_attention, get_attention, naive_attention, sdpa_attention,
+    OnlineSoftmax,
+    flash_attention,
+    get_attention,
+    naive_attention,
+    sdpa_attention,
 )
 
 HEADS = [(8, 8), (8, 2), (8, 1), (9, 3)]  # (Hq, Hkv): MHA, GQA, MQA, SmolLM2's GQA

@@ -19,7 +19,7 @@ def test_auto_dtype_on_cpu(capability, bf16, expected, monkeypatch):
 
 def test_auto_dtype_on_cuda_follows_bf16_support(monkeypatch):
     for supported, expected in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
         assert dtypes.auto_dtype("cuda") == expected
 
 

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import uvicorn
 
+from service.api import ServerState
 from service.api.app import create_app
 from service.engine.config import EngineConfig
-from service.api import ServerState
 from service.server import ServeOptions, build_state, stop_engines
 from tests.service.api.test_api_support import wait_until
 

@@ -10,8 +10,7 @@ import openai
 import pytest
 
 from model.config import PRESETS
-from tests.service.api.test_api_support import (LiveServer, encode, greedy_reference, open_raw_request, reference_text,
-                                            wait_until)
+from tests.service.api.test_api_support import LiveServer, encode, greedy_reference, open_raw_request, reference_text, wait_until
 
 VARIANTS = {"mha": 4, "gqa-2": 2, "mqa": 1}  # tiny: 4 query heads -> K/V heads per variant
 BUDGET = 1 << 20

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import FINISH_REASONS, REJECT_REASONS, ServerMetrics
 from kvcache.manager import KVCacheUsage as KVCacheStats
 from service.engine.observer import EngineStats
+from service.metrics import FINISH_REASONS, REJECT_REASONS, ServerMetrics
 
 
 def samples(metrics: ServerMetrics) -> dict[tuple, float]:

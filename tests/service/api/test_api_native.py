@@ -7,8 +7,17 @@ import json
 import httpx
 import pytest
 
-from tests.service.api.test_api_support import (AUTH, SHARED_MAX_MODEL_LEN, chat_prompt_ids, encode, greedy_reference,
-                                            read_sse, reference_text, shared_server, tiny_model)
+from tests.service.api.test_api_support import (
+    AUTH,
+    SHARED_MAX_MODEL_LEN,
+    chat_prompt_ids,
+    encode,
+    greedy_reference,
+    read_sse,
+    reference_text,
+    shared_server,
+    tiny_model,
+)
 
 PROMPT = "Blocks of sixteen tokens"
 

@@ -7,8 +7,16 @@ import math
 import openai
 import pytest
 
-from tests.service.api.test_api_support import (API_KEY, SHARED_MAX_MODEL_LEN, chat_prompt_ids, encode,
-                                            greedy_reference, reference_text, shared_server, tiny_model)
+from tests.service.api.test_api_support import (
+    API_KEY,
+    SHARED_MAX_MODEL_LEN,
+    chat_prompt_ids,
+    encode,
+    greedy_reference,
+    reference_text,
+    shared_server,
+    tiny_model,
+)
 
 PROMPT = "The paged KV cache"
 MAX_MODEL_LEN = SHARED_MAX_MODEL_LEN

@@ -7,13 +7,20 @@ import math
 import pytest
 
 from model.sampling_params import SamplingParams
-from service.engine.errors import RequestError
-from service.engine.outputs import TokenLogprob
 from service.api.protocol import SSE_DONE, InvalidBody, error_body, parse_body, sse_event
 from service.api.protocol_logprobs import MIN_LOGPROB, chat_logprobs, completion_logprobs
 from service.api.protocol_native import GenerateRequest
-from service.api.protocol_openai import (MAX_CHOICES, MAX_N, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                     CompletionRequest, Delta)
+from service.api.protocol_openai import (
+    MAX_CHOICES,
+    MAX_N,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Delta,
+)
+from service.engine.errors import RequestError
+from service.engine.outputs import TokenLogprob
 
 
 def parse(cls, body) -> object:

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,7 +47,7 @@ class LiveServer:
         self.base_url = ""
         self._ready = threading.Event()
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *self.args], cwd=REPO,
                                      env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read_output, daemon=True).start()
@@ -91,7 +91,7 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -166,7 +166,7 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiny_model(variant: str = "native"):
     """What `--model tiny --dtype float32` serves: PRESETS["tiny"] with random weights of seed 0 and
     the byte-level tokenizer, made here from those parts rather than through the server's loader."""

@@ -16,7 +16,7 @@ from service.bench import cli, datasets
 from service.bench.client import RequestRecord, Target, send_request
 from service.bench.serve import LoadConfig, arrival_offsets, run_load
 from service.bench.stats import SLO, distribution, parse_goodput, parse_percentiles, percentile, summarize
-from service.bench.variants import footprint, perplexity, text_ids, held_text
+from service.bench.variants import footprint, held_text, perplexity, text_ids
 
 
 def record(index, start, chunks, end, tokens, status=200, error="", prompt_len=10):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.tokenizer import byte_tokenizer

@@ -12,7 +12,7 @@ from model.sampling_params import SamplingParams
 from model.tokenizer import byte_tokenizer
 from model.transformer import random_transformer
 from service.engine.errors import QueueFullError, RequestError
-from tests.service.engine.engine_helpers import collect, make_engine, reference_greedy, run_all, text_of, tokens_of
+from tests.service.engine.engine_helpers import make_engine, reference_greedy, run_all, text_of, tokens_of
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_stop_string_cuts_the_text_and_matches_across_tokens(tiny):
     model, tok = tiny
     engine = make_engine(model, tok)
     prompts = random_prompts(6, seed=6)
-    for i, prompt in enumerate(prompts):
+    for prompt in prompts:
         full = run_all(engine, [(prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))])[0]
         text = text_of(full)
         if len(text) < 6:

@@ -3,12 +3,13 @@ and behind the IncrementalDetokenizer with a byte-level BPE that splits characte
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_detokenizer import bpe  # the trained byte-level BPE (merges split multi-byte characters)
 
 from model.tokenizer import byte_tokenizer
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.stop_strings import StopStringMatcher
-from test_detokenizer import bpe  # the trained byte-level BPE (merges split multi-byte characters)
 
 
 def reference(chunks: list[str], stops: tuple[str, ...]) -> tuple[list[str], str, bool]:
