@@ -46,6 +46,11 @@ class KVCacheUsage:
     prefix_queries_tokens: int  # cumulative
     prefix_hits_tokens: int     # cumulative
 
+    @property
+    def usage_ratio(self) -> float:
+        """Fraction of usable blocks referenced by some sequence, 0-1."""
+        return self.used_blocks / self.num_blocks if self.num_blocks else 0.0
+
 
 @dataclass(slots=True)
 class _SeqBlocks:
@@ -211,11 +216,6 @@ class KVCacheManager:
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
-
-    @property
-    def usage(self) -> float:
-        """Fraction of usable blocks referenced by some sequence, 0-1."""
-        return self.pool.num_used_blocks / self.pool.num_blocks
 
     def stats(self) -> KVCacheUsage:
         used = self.pool.num_used_blocks

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +32,6 @@ DEFAULT_BLOCK_K = 512
 # Scores are kept in base 2 (log2(e) folded into the query scale): exp2 is ~40% cheaper than exp
 # on this CPU and softmax is the same in any base.
 LOG2E = math.log2(math.e)
-
-
-class AttentionFn(Protocol):
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor: ...
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

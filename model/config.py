@@ -47,10 +47,6 @@ class ModelConfig:
             return "mqa"
         return f"gqa-{self.n_kv_heads}"
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Bytes of K and V that one token occupies across all layers."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
-
     def with_kv_heads(self, n_kv_heads: int) -> ModelConfig:
         return replace(self, n_kv_heads=n_kv_heads)
 

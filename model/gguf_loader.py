@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.config import ModelConfig
-from model.tokenizer import Tokenizer, bos_eos_post_processor, byte_level_bpe, bytes_to_unicode
+from model.tokenizer import HFTokenizer, bos_eos_post_processor, byte_level_bpe, bytes_to_unicode
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -108,7 +108,7 @@ class GGUFCheckpoint:
             state[name] = torch.from_numpy(np.array(weights, dtype=np.float32)).to(dtype)
         return state
 
-    def tokenizer(self) -> Tokenizer:
+    def tokenizer(self) -> HFTokenizer:
         """The tokenizer described by the tokenizer.ggml.* metadata, with the file's chat template."""
         model = self.field("tokenizer.ggml.model")
         if model != "gpt2":
@@ -152,7 +152,7 @@ class GGUFCheckpoint:
         backend.post_processor = bos_eos_post_processor(
             special.get("bos_token") if add_bos else None, backend.token_to_id(special.get("bos_token", "")),
             special["eos_token"] if add_eos else None, backend.token_to_id(special["eos_token"]))
-        return Tokenizer(backend, special_tokens=special,
+        return HFTokenizer(backend, special_tokens=special,
                          chat_template=self.field("tokenizer.chat_template", None))
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.config import ModelConfig
-from model.tokenizer import Tokenizer, bos_eos_post_processor
+from model.tokenizer import HFTokenizer, bos_eos_post_processor
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -156,7 +156,7 @@ class HFCheckpoint:
                         bar.update()
         return state
 
-    def tokenizer(self) -> Tokenizer:
+    def tokenizer(self) -> HFTokenizer:
         """tokenizer.json with tokenizer_config.json's special tokens and chat template."""
         tok_file = self.path / "tokenizer.json"
         if not tok_file.is_file():
@@ -181,7 +181,7 @@ class HFCheckpoint:
             backend.post_processor = bos_eos_post_processor(
                 bos if tok_cfg.get("add_bos_token") else None, backend.token_to_id(bos) if bos else None,
                 eos if tok_cfg.get("add_eos_token") else None, backend.token_to_id(eos))
-        return Tokenizer(backend, special_tokens=special, chat_template=self._chat_template(tok_cfg),
+        return HFTokenizer(backend, special_tokens=special, chat_template=self._chat_template(tok_cfg),
                          extra_eos_token_ids=eos_ids)
 
     def _chat_template(self, tok_cfg: dict) -> str | None:

@@ -19,7 +19,7 @@ from model.config import PRESETS
 from model.dtypes import parse_dtype
 from model.gguf_loader import open_gguf
 from model.hf_loader import open_hf
-from model.tokenizer import Tokenizer, byte_tokenizer
+from model.tokenizer import HFTokenizer, byte_tokenizer
 from model.transformer import Transformer, build_transformer, random_transformer
 from model.variants import parse_variant, with_variant
 
@@ -52,7 +52,7 @@ def _open(source: str | Path):
 
 
 def _load(source: str | Path, variant: str, dtype, device, attention: str, progress: bool
-          ) -> tuple[Transformer, Tokenizer]:
+          ) -> tuple[Transformer, HFTokenizer]:
     dtype = parse_dtype(dtype)
     get_attention(attention)  # a bad name fails before any loading
     if str(source) == "tiny":
@@ -71,14 +71,14 @@ def _load(source: str | Path, variant: str, dtype, device, attention: str, progr
 
 
 def load_base(source: str | Path, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-              attention: str = "flash", progress: bool = True) -> tuple[Transformer, Tokenizer]:
+              attention: str = "flash", progress: bool = True) -> tuple[Transformer, HFTokenizer]:
     """The checkpoint's native model (as stored) and its tokenizer."""
     return _load(source, "native", dtype, device, attention, progress)
 
 
 def load_model(source: str | Path, *, variant: str = "native", dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu", attention: str = "flash",
-               progress: bool = True) -> tuple[Transformer, Tokenizer]:
+               progress: bool = True) -> tuple[Transformer, HFTokenizer]:
     """`(model, tokenizer)` for `source` with its attention converted to `variant`.
 
     variant: native | mha | gqa-N | mqa (N must divide n_heads); see model/variants.py.

@@ -40,10 +40,6 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 @dataclass(slots=True)
 class TokenLogprob:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
+from typing import Any, Protocol
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
@@ -32,6 +33,24 @@ CHATML_TEMPLATE = (
 )
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece byte fallback
+
+
+class Tokenizer(Protocol):
+    """What the engine, the API and offline generation need of a tokenizer (the one interface they
+    type against); `HFTokenizer` below is the implementation every loader returns."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+    @property
+    def special_token_ids(self) -> frozenset[int]: ...
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str: ...
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]: ...
+    def token_bytes(self, ids: Iterable[int]) -> list[bytes]: ...
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                            **variables: Any) -> str: ...
 
 
 @lru_cache(maxsize=1)
@@ -61,7 +80,7 @@ def _is_byte_level(backend: BackendTokenizer) -> bool:
     return any(part.get("type") == "ByteLevel" for part in parts)
 
 
-class Tokenizer:
+class HFTokenizer:
     """Encode, decode and chat-format text for one checkpoint.
 
     `special_tokens` maps template variable names (`bos_token`, `eos_token`, `unk_token`,
@@ -168,7 +187,8 @@ class Tokenizer:
         return out
 
     # -- chat ----------------------------------------------------------------------------------
-    def apply_chat_template(self, messages, *, add_generation_prompt: bool = True, **variables) -> str:
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
         """The prompt text for `messages` (encode it with add_special_tokens=False)."""
         if self._chat_template is None:
             raise ValueError("this tokenizer has no chat template; send a plain prompt instead")
@@ -195,7 +215,7 @@ def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], special
     return backend
 
 
-def byte_tokenizer() -> Tokenizer:
+def byte_tokenizer() -> HFTokenizer:
     """The tiny model's tokenizer: 3 specials then one token per byte (id = 3 + byte), no merges.
 
     Ids: 0 `<|endoftext|>`, 1 `<|im_start|>`, 2 `<|im_end|>` (EOS); vocab 259 like PRESETS["tiny"].
@@ -205,5 +225,5 @@ def byte_tokenizer() -> Tokenizer:
     vocab.update({char: len(specials) + b for b, char in bytes_to_unicode().items()})
     backend = byte_level_bpe(vocab, [], specials)
     backend.post_processor = bos_eos_post_processor(None, None)
-    return Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"},
+    return HFTokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"},
                      chat_template=CHATML_TEMPLATE)

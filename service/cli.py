@@ -151,7 +151,7 @@ def serve_options(args: argparse.Namespace):
 
 def build_parser(environ=None) -> argparse.ArgumentParser:
     """`kvserve` with its `serve` subcommand; `generate` and `bench` are listed here and parsed by their
-    owners (model.generate, service.bench.cli), so serving never imports them."""
+    owners (service.offline, service.bench.cli), so serving never imports them."""
     parser = _Parser(prog="kvserve", description="LLM inference microservice with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API, /generate, /metrics)")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.bench.cli import main as bench_main
         return bench_main(argv[1:]) or 0
     if argv[:1] == ["generate"]:
-        from model.generate import add_generate_args, run_generate
+        from service.offline import add_generate_args, run_generate
         parser = _Parser(prog="kvserve generate", description="generate from one prompt without the server")
         add_generate_args(parser)
         return run_generate(parser.parse_args(argv[1:])) or 0

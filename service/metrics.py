@@ -111,7 +111,7 @@ class _EngineStatsCollector:
             s = stats_fn()
             for key, value in (("bpt", s.bytes_per_token), ("bpb", s.bytes_per_block), ("bs", s.block_size),
                                ("nb", s.kv.num_blocks), ("cap", s.capacity_tokens), ("stored", s.kv.stored_tokens),
-                               ("empty", s.kv.empty_slots), ("usage", s.usage_ratio), ("mem", s.kv_memory_bytes),
+                               ("empty", s.kv.empty_slots), ("usage", s.kv.usage_ratio), ("mem", s.kv_memory_bytes),
                                ("running", s.num_running), ("waiting", s.num_waiting),
                                ("alive", int(s.alive and alive_fn()))):
                 fam[key].add_metric([variant], value)

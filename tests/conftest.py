@@ -1,7 +1,8 @@
-"""Session fixtures shared by the model tests: the real SmolLM2-135M, ours and transformers'.
+"""Session fixtures shared by every test: the tiny model, and the real SmolLM2-135M, ours and transformers'.
 
-Each is loaded once per session (the GGUF takes seconds to parse and dequantize); tests that use
-them are marked `slow`. transformers is only a test-time reference, never imported by product code.
+The tiny model is built here once (what `--model tiny` serves). SmolLM2 is loaded once per session
+(the GGUF takes seconds to parse and dequantize); tests that use it are marked `slow`. transformers
+is only a test-time reference, never imported by product code.
 """
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ import torch
 
 from model.loader import load_model
 from model.loader import smollm2_gguf_path as find_smollm2_gguf
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): PRESETS["tiny"] with random weights of seed 0 and the byte-level tokenizer,
+    float32, flash attention: exactly what `kvserve serve --model tiny --dtype float32` serves."""
+    return load_model("tiny", dtype=torch.float32, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ No FastAPI here.
 """
 from __future__ import annotations
 
-from service.engine.errors import RequestError
-from service.engine.outputs import RequestOutput
+from collections.abc import Mapping
+
+from service.engine import ContextLengthError, RequestError, RequestOutput
 
 
 class APIError(Exception):
@@ -27,12 +28,13 @@ def unavailable(message: str, code: str, reason: str | None, variant: str | None
                     headers={"Retry-After": "1"})
 
 
-def bad_request(exc: RequestError, variant: str, names: dict[str, str], reason: str = "invalid") -> APIError:
+def bad_request(exc: RequestError, variant: str, names: Mapping[str, str]) -> APIError:
     """400 for what the engine or SamplingParams refused, under the field's name in this endpoint."""
-    param = names.get(exc.param, exc.param)
+    param = names.get(exc.param, exc.param) if exc.param is not None else None
     message = str(exc) if param == exc.param else f"{param}: {exc}"
-    code = "context_length_exceeded" if reason == "too_long" else None
-    return APIError(400, message, param=param, code=code, reason=reason, variant=variant)
+    too_long = isinstance(exc, ContextLengthError)
+    return APIError(400, message, param=param, code="context_length_exceeded" if too_long else None,
+                    reason="too_long" if too_long else "invalid", variant=variant)
 
 
 def failed(outputs: list[RequestOutput]) -> APIError | None:

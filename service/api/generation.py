@@ -1,9 +1,9 @@
-"""One HTTP request's engine requests: checked, submitted, and merged into one stream of outputs.
+"""One HTTP request's engine requests: submitted, and merged into one stream of outputs.
 
 An HTTP request asks for n choices of one or more prompts; each choice is its own engine request,
-with the id `<request id>-<i>`. `check_prompts` refuses up front what the engine would refuse;
-`submit` waits until every choice has started (so submission errors become an answer before
-anything is sent); `run_to_end` collects everything for a JSON answer. Every failure is an
+with the id `<request id>-<i>`. `submit` waits until every choice has started (so submission
+errors, including the engine's validation, become an answer before anything is sent);
+`run_to_end` collects everything for a JSON answer. Every failure is an
 APIError; whatever has not finished when a Generation closes is aborted, which frees its KV blocks.
 No FastAPI here.
 """
@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Mapping
 
+from starlette.types import Receive
+
+from model.sampling_params import SamplingParams
 from service.api.disconnect import unless_disconnected
 from service.api.errors import bad_request, failed, unavailable
-from service.engine.errors import EngineDeadError, QueueFullError, RequestError
-from service.engine.outputs import RequestOutput
-
-if TYPE_CHECKING:
-    from service.engine.engine import Engine
+from service.engine import Engine, EngineDeadError, QueueFullError, RequestError, RequestOutput
 
 
 def new_request_id(prefix: str) -> str:
@@ -31,7 +29,7 @@ class Generation:
     """The engine requests behind one HTTP request (n choices x prompts), merged into one stream of
     (choice index, output). `start()` raises submission errors before anything is answered."""
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], params: list, request_id: str):
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: list[SamplingParams], request_id: str):
         self.engine = engine
         self.request_id = request_id
         self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
@@ -81,26 +79,10 @@ class Generation:
                 self.engine.abort(rid)
 
 
-def check_prompts(variant: str, engine: Engine, prompts: list[list[int]], params, names: dict[str, str]) -> None:
-    """Everything the engine would refuse, refused here with the field's API name."""
-    vocab = engine.model.config.vocab_size
-    for prompt, sp in zip(prompts, params):
-        if not prompt:
-            raise bad_request(RequestError("prompt is empty: it must have at least 1 token", "prompt"),
-                              variant, names)
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise bad_request(RequestError(f"prompt token id {bad} is out of range [0, {vocab - 1}]", "prompt"),
-                              variant, names)
-        try:
-            engine.validate(len(prompt), sp)
-        except RequestError as exc:
-            raise bad_request(exc, variant, names,
-                              "too_long" if exc.param in ("prompt", "max_tokens") else "invalid") from None
-
-
-async def submit(variant: str, engine: Engine, prompts, params, prefix: str) -> tuple[Generation, list]:
-    """A started Generation and every choice's first output, or the APIError to answer instead."""
+async def submit(variant: str, engine: Engine, prompts: list[list[int]], params: list[SamplingParams], prefix: str,
+                 names: Mapping[str, str]) -> tuple[Generation, list[RequestOutput]]:
+    """A started Generation and every choice's first output, or the APIError to answer instead.
+    The engine validates each request (`names`: the endpoint's names for the engine's fields)."""
     gen = Generation(engine, prompts, params, new_request_id(prefix))
     try:
         firsts = await gen.start()
@@ -109,7 +91,7 @@ async def submit(variant: str, engine: Engine, prompts, params, prefix: str) -> 
     except EngineDeadError as exc:
         raise unavailable(str(exc), "engine_unavailable", "draining", variant) from None
     except RequestError as exc:
-        raise bad_request(exc, variant, {}) from None
+        raise bad_request(exc, variant, names) from None
     except BaseException:
         gen.close()
         raise
@@ -120,11 +102,13 @@ async def submit(variant: str, engine: Engine, prompts, params, prefix: str) -> 
     return gen, firsts
 
 
-async def run_to_end(receive, variant, engine, prompts, params, prefix) -> tuple[list[list[RequestOutput]], str]:
+async def run_to_end(receive: Receive, variant: str, engine: Engine, prompts: list[list[int]],
+                     params: list[SamplingParams], prefix: str,
+                     names: Mapping[str, str]) -> tuple[list[list[RequestOutput]], str]:
     """Non-streaming: every output of every choice, or an error; aborted if the client leaves
     (`receive`: the request's ASGI receive channel)."""
-    async def collect():
-        gen, _ = await submit(variant, engine, prompts, params, prefix)
+    async def collect() -> tuple[list[list[RequestOutput]], str]:
+        gen, _ = await submit(variant, engine, prompts, params, prefix, names)
         outputs: list[list[RequestOutput]] = [[] for _ in prompts]
         async for index, out in gen.events():
             outputs[index].append(out)

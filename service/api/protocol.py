@@ -64,7 +64,7 @@ def sampling_params(names: dict[str, str] | None = None, **kwargs) -> SamplingPa
         msg = str(exc)  # "<field>=<value> is out of range: ..." or "stop strings must not be empty"
         m = re.match(r"(\w+)=", msg)
         field = m.group(1) if m else ("stop" if msg.startswith("stop") else None)
-        api_name = (names or {}).get(field, field)
+        api_name = (names or {}).get(field, field) if field else None
         if field and api_name != field:
             msg = msg.replace(f"{field}=", f"{api_name}=", 1)
         raise RequestError(msg, api_name) from None

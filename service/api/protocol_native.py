@@ -41,9 +41,11 @@ class GenerateRequest(RequestBody):
     model: str | None = None
 
     def prompt_input(self) -> str | list[int]:
-        if (self.inputs is None) == (self.prompt is None):
-            raise RequestError("give exactly one of inputs or prompt", "inputs")
-        return self.inputs if self.inputs is not None else self.prompt
+        if self.inputs is not None and self.prompt is None:
+            return self.inputs
+        if self.prompt is not None and self.inputs is None:
+            return self.prompt
+        raise RequestError("give exactly one of inputs or prompt", "inputs")
 
     def to_sampling_params(self) -> SamplingParams:
         p = self.parameters
@@ -88,7 +90,7 @@ class Timings(BaseModel):
 
 
 class GenerateDetails(BaseModel):
-    finish_reason: str
+    finish_reason: str | None
     prompt_tokens: int
     generated_tokens: int
     cached_tokens: int

@@ -146,7 +146,7 @@ class ChatMessage(RequestBody):
     def as_template_message(self) -> dict[str, str]:
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.text for part in content)
+            content = "".join(part.text or "" for part in content)
         # the templates of small open models know "system" only
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 

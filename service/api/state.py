@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from model.tokenizer import Tokenizer
 from service.engine import Engine
 from service.metrics import ServerMetrics
 
@@ -16,7 +17,7 @@ class ServerState:
     metrics, the API key and whether the server is draining."""
     model_name: str
     engines: dict[str, Engine]
-    tokenizer: object
+    tokenizer: Tokenizer
     metrics: ServerMetrics
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES

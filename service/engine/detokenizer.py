@@ -21,20 +21,12 @@ or `flush` is called.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+
+from model.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens kept as left context for the first generated token (vLLM uses the same 5).
 PROMPT_CONTEXT_TOKENS = 5
-
-
-class Tokenizer(Protocol):
-    eos_token_id: int | None
-    special_token_ids: Sequence[int]
-
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str: ...
-
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]: ...
 
 
 class IncrementalDetokenizer:

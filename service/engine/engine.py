@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import torch
 
@@ -23,9 +23,10 @@ from kvcache.kv_cache import KVCache
 from kvcache.manager import KVCacheManager
 from model.sampler import Sampler
 from model.sampling_params import SamplingParams
+from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from service.engine.config import EngineConfig
-from service.engine.errors import EngineDeadError, QueueFullError, RequestError
+from service.engine.errors import ContextLengthError, EngineDeadError, QueueFullError, RequestError
 from service.engine.observer import EngineObserver, EngineStats
 from service.engine.output_processor import OutputProcessor
 from service.engine.outputs import RequestOutput
@@ -50,7 +51,7 @@ def resolve_max_model_len(requested: int | None, context: int, capacity: int) ->
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer, config: EngineConfig, *, name: str = "native",
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig, *, name: str = "native",
                  observer: EngineObserver | None = None):
         self.name = name
         self.model = model
@@ -71,7 +72,7 @@ class Engine:
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._inbox: deque[tuple[str, object]] = deque()
+        self._inbox: deque[Request | str] = deque()  # a new request, or the id of one to abort
         self._live: dict[str, Request] = {}    # submitted, not finished (guarded by _lock)
         self._queued: set[str] = set()         # submitted, never admitted: what --max-queue bounds
         self._requests: dict[str, Request] = {}  # the engine thread's own view
@@ -106,40 +107,48 @@ class Engine:
     def stats(self) -> EngineStats:
         return self._stats
 
-    def validate(self, prompt_len: int, params: SamplingParams) -> None:
-        limit = self.max_model_len
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """RequestError (naming the field and the allowed range) for a request this engine can never
+        serve; `generate` calls it, so callers only need it to refuse early."""
+        limit, vocab = self.max_model_len, self.vocab_size
+        prompt_len = len(prompt_token_ids)
         if prompt_len == 0:
             raise RequestError("prompt is empty: it must have at least 1 token", "prompt")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is out of range [0, {vocab - 1}]", "prompt")
         if prompt_len >= limit:
-            raise RequestError(f"prompt has {prompt_len} tokens; max_model_len is {limit}, so at most "
+            raise ContextLengthError(f"prompt has {prompt_len} tokens; max_model_len is {limit}, so at most "
                                f"{limit - 1} prompt tokens fit", "prompt")
         if prompt_len + params.max_tokens > limit:
-            raise RequestError(f"max_tokens={params.max_tokens} is too large: with a {prompt_len}-token prompt "
+            raise ContextLengthError(f"max_tokens={params.max_tokens} is too large: with a {prompt_len}-token prompt "
                                f"it must be in [1, {limit - prompt_len}] (max_model_len {limit})", "max_tokens")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"stop_token_ids contains {bad[0]}: token ids must be in [0, {vocab - 1}]",
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"stop_token_ids contains {bad}: token ids must be in [0, {vocab - 1}]",
                                "stop_token_ids")
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(request_id)
         self._wake.set()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]} is out of range [0, {vocab - 1}]", "prompt")
-        self.validate(len(prompt_token_ids), params)
+        self.validate(prompt_token_ids, params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        req = Request(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic())
+
+        def on_output(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        req = self.outputs.new_request(request_id, list(prompt_token_ids), params, time.monotonic(), on_output)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        req.on_output = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)
         with self._lock:
             if not self.is_alive:
                 raise EngineDeadError(f"engine {self.name!r} is not running")
@@ -150,7 +159,7 @@ class Engine:
                                      f"(max_queue={self.config.max_queue})")
             self._live[request_id] = req
             self._queued.add(request_id)
-            self._inbox.append(("add", req))
+            self._inbox.append(req)
         self._wake.set()
         finished = False
         try:
@@ -189,10 +198,9 @@ class Engine:
         with self._lock:
             items = list(self._inbox)
             self._inbox.clear()
-        for kind, item in items:
-            if kind == "add":
+        for item in items:
+            if isinstance(item, Request):
                 self._requests[item.request_id] = item
-                self.outputs.start(item)
                 self.scheduler.add(item)
             else:
                 req = self._requests.get(item)
@@ -241,7 +249,7 @@ class Engine:
         for req, token, logprob in zip(sampling, tokens, logprobs):
             self._note_token(req, now)
             output = self.outputs.on_token(req, token, logprob, now)
-            if output.finished:
+            if output.finish_reason is not None:
                 self._retire(req, output.finish_reason, now)
             delivered.append((req, output))
         self._stats = self._snapshot()  # before delivery: a caller that sees its end sees its blocks freed
@@ -262,7 +270,7 @@ class Engine:
             self.observer.on_prefix_lookup(queried_tokens=req.num_tokens, hit_tokens=req.num_computed_tokens)
 
     def _note_token(self, req: Request, now: float) -> None:
-        if req.first_token_time is None:
+        if req.last_token_time is None:
             req.first_token_time = now
             self.observer.on_first_token(ttft_s=now - req.arrival_time,
                                          queue_time_s=(req.first_scheduled_time or now) - req.arrival_time)

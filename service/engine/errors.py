@@ -10,6 +10,10 @@ class RequestError(ValueError):
         self.param = param
 
 
+class ContextLengthError(RequestError):
+    """The prompt, or prompt + max_tokens, does not fit in max_model_len (400, context_length_exceeded)."""
+
+
 class QueueFullError(RuntimeError):
     """The waiting queue is at --max-queue (503 with Retry-After)."""
 

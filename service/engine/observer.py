@@ -44,7 +44,3 @@ class EngineStats:
     kv_memory_bytes: int
     num_preemptions: int
     alive: bool
-
-    @property
-    def usage_ratio(self) -> float:
-        return self.kv.used_blocks / self.kv.num_blocks if self.kv.num_blocks else 0.0

@@ -7,6 +7,10 @@ ruled out, and released when the request ends for another reason.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from model.sampling_params import SamplingParams
+from model.tokenizer import Tokenizer
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.outputs import RequestOutput, TokenLogprob
 from service.engine.request import Request
@@ -14,15 +18,18 @@ from service.engine.stop_strings import StopStringMatcher
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, max_model_len: int):
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
 
-    def start(self, req: Request) -> None:
-        req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids=req.prompt_token_ids,
-                                                 skip_special_tokens=True)
-        req.stop_matcher = StopStringMatcher(req.params.stop) if req.params.stop else None
+    def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
+                    on_output: Callable[[RequestOutput], None]) -> Request:
+        """A request with its own detokenizer and stop-string matcher."""
+        return Request(request_id, prompt_token_ids, params, arrival_time,
+                       detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_token_ids,
+                                                          skip_special_tokens=True),
+                       on_output=on_output, stop_matcher=StopStringMatcher(params.stop) if params.stop else None)
 
     def on_token(self, req: Request, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         """Append one sampled token; the output says whether the request is now finished."""

@@ -1,11 +1,16 @@
 """One generation request as the engine tracks it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+
+import torch
 
 from model.sampling_params import SamplingParams
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.outputs import RequestOutput
+from service.engine.stop_strings import StopStringMatcher
 
 
 class RequestStatus(IntEnum):
@@ -27,6 +32,10 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    detokenizer: IncrementalDetokenizer
+    on_output: Callable[[RequestOutput], None]  # thread-safe hop to the caller's event loop
+    stop_matcher: StopStringMatcher | None = None
+    generator: torch.Generator | None = None    # seeded sampling; used only on the engine thread
     all_token_ids: list[int] = field(default_factory=list)  # prompt then outputs; filled in __post_init__
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
@@ -36,10 +45,6 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reason: str | None = None
-    generator: Any = None                # torch.Generator for seeded sampling; owned by the engine thread
-    detokenizer: Any = None
-    stop_matcher: Any = None
-    on_output: Any = None                # callable(RequestOutput), thread-safe hop to the caller's loop
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

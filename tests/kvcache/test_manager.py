@@ -99,7 +99,7 @@ def test_allocation_fails_atomically():
     assert not kv.allocate_slots("b", 21)  # 4 more blocks: growing past the pool fails the same way
     assert snapshot(kv, ["a", "b", "c"]) == before
     assert kv.can_allocate("c", 12, blocks) and kv.allocate_slots("c", 12, blocks)
-    assert kv.num_free_blocks == 0 and kv.usage == 1.0
+    assert kv.num_free_blocks == 0 and kv.stats().usage_ratio == 1.0
 
 
 def test_growing_one_slot_at_a_time_allocates_a_block_per_block_size_tokens():
@@ -182,7 +182,7 @@ def test_stats_arithmetic():
     assert kv.stats() == KVCacheUsage(
         num_blocks=10, free_blocks=10, used_blocks=0, cached_blocks=2, stored_tokens=0,
         empty_slots=0, prefix_queries_tokens=19, prefix_hits_tokens=8)
-    assert kv.usage == 0.0
+    assert kv.stats().usage_ratio == 0.0
 
 
 def test_misuse_is_reported_clearly():
@@ -354,7 +354,7 @@ class ManagerMachine(RuleBasedStateMachine):
         assert s.stored_tokens == sum(stored.values())
         assert s.empty_slots == s.used_blocks * bs - s.stored_tokens
         assert (s.prefix_queries_tokens, s.prefix_hits_tokens) == (self.queried, self.hits)
-        assert kv.usage == s.used_blocks / s.num_blocks
+        assert s.usage_ratio == s.used_blocks / s.num_blocks
 
 
 ManagerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=25, deadline=None)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.generate import generate_ids
 from model.loader import load_model
 from model.tokenizer import CHATML_TEMPLATE, byte_tokenizer
+from tests.reference import greedy_no_cache
 
 CHAT = [{"role": "user", "content": "Write a haiku about the sea."}]
 
@@ -52,7 +52,8 @@ def test_greedy_continuation_matches_transformers(smollm2, hf_smollm2):
     model, tokenizer = smollm2
     hf_model, _ = hf_smollm2
     prompt = tokenizer.encode(tokenizer.apply_chat_template(CHAT), add_special_tokens=False)
-    new = generate_ids(model, prompt, max_tokens=20, eos_token_ids=tokenizer.eos_token_ids)
+    new, _ = greedy_no_cache(model, prompt, 20, stop_ids=tokenizer.eos_token_ids)
+    new = [t for t in new if t not in tokenizer.eos_token_ids]
     assert len(new) >= 5
     full = torch.tensor([prompt + new])
     with torch.inference_mode():

@@ -139,11 +139,11 @@ def test_bench_gets_every_argument_after_the_word(monkeypatch):
     assert seen == [["serve", "--port", "1", "--help"]]
 
 
-def test_generate_is_parsed_and_run_by_model_generate(monkeypatch):
+def test_generate_is_parsed_and_run_by_service_offline(monkeypatch):
     seen = []
-    fake = types.ModuleType("model.generate")
+    fake = types.ModuleType("service.offline")
     fake.add_generate_args = lambda p: p.add_argument("--prompt", required=True)
     fake.run_generate = lambda args: seen.append(args.prompt) or 0
-    monkeypatch.setitem(sys.modules, "model.generate", fake)
+    monkeypatch.setitem(sys.modules, "service.offline", fake)
     assert cli.main(["generate", "--prompt", "hi"]) == 0
     assert seen == ["hi"]

@@ -6,16 +6,16 @@ import httpx
 import openai
 import pytest
 
-from tests.service.api.test_api_support import API_KEY as KEY
-from tests.service.api.test_api_support import AUTH, SHARED_MAX_MODEL_LEN, shared_server
+from tests.service.live_server import API_KEY as KEY
+from tests.service.live_server import AUTH, SHARED_MAX_MODEL_LEN
 
 MAX_MODEL_LEN = SHARED_MAX_MODEL_LEN
 MSG = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    return shared_server()
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")

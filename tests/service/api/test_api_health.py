@@ -13,7 +13,7 @@ from service.api import ServerState
 from service.api.app import create_app
 from service.engine.config import EngineConfig
 from service.server import ServeOptions, build_state, stop_engines
-from tests.service.api.test_api_support import wait_until
+from tests.service.live_server import wait_until
 
 
 @pytest.fixture(scope="module")

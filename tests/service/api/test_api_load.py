@@ -13,7 +13,7 @@ import threading
 
 import httpx
 
-from tests.service.api.test_api_support import LiveServer, open_raw_request, read_sse, wait_until
+from tests.service.live_server import LiveServer, open_raw_request, read_sse, wait_until
 
 LONG = 450  # tokens; the tiny model's context is 512
 

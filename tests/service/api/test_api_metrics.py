@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from model.config import PRESETS
-from tests.service.api.test_api_support import LiveServer, encode, greedy_reference, open_raw_request, reference_text, wait_until
+from tests.service.live_server import LiveServer, open_raw_request, wait_until
 
 VARIANTS = {"mha": 4, "gqa-2": 2, "mqa": 1}  # tiny: 4 query heads -> K/V heads per variant
 BUDGET = 1 << 20
@@ -62,17 +62,17 @@ def test_start_up_logs_one_footprint_line_per_variant(server):
         assert len(lines) == 1 and "B/token" in lines[0] and "tokens capacity" in lines[0]
 
 
-def test_models_route_to_their_variant(server):
+def test_models_route_to_their_variant(tiny_ref, server):
     with openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0) as client:
         assert [m.id for m in client.models.list().data] == [f"tiny:{v}" for v in VARIANTS]
-        ids = encode("route me")
+        ids = tiny_ref.encode("route me")
         for variant in ("mqa", "mha"):
             r = client.completions.create(model=f"tiny:{variant}", prompt="route me", max_tokens=5, temperature=0,
                                           extra_body={"ignore_eos": True})
-            assert r.choices[0].text == reference_text(greedy_reference(ids, 5, variant=variant)[0])
+            assert r.choices[0].text == tiny_ref.text(tiny_ref.greedy(ids, 5, variant=variant)[0])
 
 
-def test_counters_move_for_the_variant_that_served(server):
+def test_counters_move_for_the_variant_that_served(tiny_ref, server):
     before = server.metrics()
 
     def delta(name, **labels):
@@ -82,7 +82,7 @@ def test_counters_move_for_the_variant_that_served(server):
     r = httpx.post(server.url("/v1/completions"), json={"model": "tiny:gqa-2", "prompt": "count me", "max_tokens": 7,
                                                         "ignore_eos": True}, timeout=60)
     assert r.status_code == 200
-    prompt_tokens = len(encode("count me"))
+    prompt_tokens = len(tiny_ref.encode("count me"))
     assert delta("kvserve_requests_finished_total", variant="gqa-2", finish_reason="length") == 1
     assert delta("kvserve_generation_tokens_total", variant="gqa-2") == 7
     assert delta("kvserve_prompt_tokens_total", variant="gqa-2") == prompt_tokens

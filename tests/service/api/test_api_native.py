@@ -7,24 +7,14 @@ import json
 import httpx
 import pytest
 
-from tests.service.api.test_api_support import (
-    AUTH,
-    SHARED_MAX_MODEL_LEN,
-    chat_prompt_ids,
-    encode,
-    greedy_reference,
-    read_sse,
-    reference_text,
-    shared_server,
-    tiny_model,
-)
+from tests.service.live_server import AUTH, SHARED_MAX_MODEL_LEN, read_sse
 
 PROMPT = "Blocks of sixteen tokens"
 
 
 @pytest.fixture(scope="module")
-def http():
-    with httpx.Client(base_url=shared_server().base_url, timeout=60, headers=AUTH) as c:
+def http(shared_server):
+    with httpx.Client(base_url=shared_server.base_url, timeout=60, headers=AUTH) as c:
         yield c
 
 
@@ -33,14 +23,14 @@ def test_health(http):
     assert r.status_code == 200 and r.json() == {"status": "ok", "variants": ["native"]}
 
 
-def test_generate_greedy_tokens_and_details(http):
-    ids = encode(PROMPT)
-    ref, _ = greedy_reference(ids, 10)
+def test_generate_greedy_tokens_and_details(tiny_ref, http):
+    ids = tiny_ref.encode(PROMPT)
+    ref, _ = tiny_ref.greedy(ids, 10)
     r = http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 10, "ignore_eos": True,
                                                                       "details": True}})
     assert r.status_code == 200
     body = r.json()
-    assert body["generated_text"] == reference_text(ref)
+    assert body["generated_text"] == tiny_ref.text(ref)
     d = body["details"]
     assert d["token_ids"] == ref and [t["id"] for t in d["tokens"]] == ref
     assert (d["finish_reason"], d["prompt_tokens"], d["generated_tokens"]) == ("length", len(ids), 10)
@@ -53,18 +43,18 @@ def test_generate_without_details_is_only_the_text(http):
     assert set(r.json()) == {"generated_text"}
 
 
-def test_generate_from_token_ids_and_full_text(http):
-    ids = encode("xyz")
-    ref, _ = greedy_reference(ids, 4)
+def test_generate_from_token_ids_and_full_text(tiny_ref, http):
+    ids = tiny_ref.encode("xyz")
+    ref, _ = tiny_ref.greedy(ids, 4)
     r = http.post("/generate", json={"prompt": ids, "parameters": {"max_new_tokens": 4, "ignore_eos": True,
                                                                    "return_full_text": True, "details": True}})
-    assert r.json()["generated_text"] == "xyz" + reference_text(ref)
+    assert r.json()["generated_text"] == "xyz" + tiny_ref.text(ref)
     assert r.json()["details"]["token_ids"] == ref
 
 
-def test_generate_stream(http):
-    ids = encode(PROMPT)
-    ref, _ = greedy_reference(ids, 8)
+def test_generate_stream(tiny_ref, http):
+    ids = tiny_ref.encode(PROMPT)
+    ref, _ = tiny_ref.greedy(ids, 8)
     with http.stream("POST", "/generate", json={"inputs": PROMPT, "stream": True,
                                                 "parameters": {"max_new_tokens": 8, "ignore_eos": True,
                                                                "details": True}}) as r:
@@ -73,9 +63,9 @@ def test_generate_stream(http):
     assert events[-1] == "[DONE]"
     payloads = [json.loads(e) for e in events[:-1]]
     assert [t for p in payloads for t in p["token_ids"]] == ref
-    assert "".join(p["text"] for p in payloads) == reference_text(ref)
+    assert "".join(p["text"] for p in payloads) == tiny_ref.text(ref)
     assert all(p["generated_text"] is None and p["finish_reason"] is None for p in payloads[:-1])
-    assert payloads[-1]["generated_text"] == reference_text(ref) and payloads[-1]["finish_reason"] == "length"
+    assert payloads[-1]["generated_text"] == tiny_ref.text(ref) and payloads[-1]["finish_reason"] == "length"
     assert payloads[-1]["details"]["token_ids"] == ref
 
 
@@ -98,13 +88,13 @@ def test_sse_framing_is_data_lines_and_blank_lines_ending_with_done(http, path, 
         json.loads(block[len("data: "):])
 
 
-def test_tokenize_and_detokenize_round_trip(http):
-    tokenizer = tiny_model()[1]
+def test_tokenize_and_detokenize_round_trip(tiny_ref, http):
+    tokenizer = tiny_ref.tokenizer
     text = "héllo wörld ☃"
     r = http.post("/tokenize", json={"prompt": text}).json()
     assert r["tokens"] == tokenizer.encode(text) and r["count"] == len(r["tokens"])
     assert r["max_model_len"] == SHARED_MAX_MODEL_LEN
     assert http.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
     msgs = [{"role": "user", "content": "hi"}]
-    assert http.post("/tokenize", json={"messages": msgs}).json()["tokens"] == chat_prompt_ids(msgs)
+    assert http.post("/tokenize", json={"messages": msgs}).json()["tokens"] == tiny_ref.chat_ids(msgs)
     assert http.post("/tokenize", json={"model": "tiny:native", "prompt": "a"}).status_code == 200

@@ -7,16 +7,7 @@ import math
 import openai
 import pytest
 
-from tests.service.api.test_api_support import (
-    API_KEY,
-    SHARED_MAX_MODEL_LEN,
-    chat_prompt_ids,
-    encode,
-    greedy_reference,
-    reference_text,
-    shared_server,
-    tiny_model,
-)
+from tests.service.live_server import API_KEY, SHARED_MAX_MODEL_LEN
 
 PROMPT = "The paged KV cache"
 MAX_MODEL_LEN = SHARED_MAX_MODEL_LEN
@@ -24,8 +15,8 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 
 @pytest.fixture(scope="module")
-def client():
-    with openai.OpenAI(base_url=shared_server().url("/v1"), api_key=API_KEY, max_retries=0, timeout=60) as c:
+def client(shared_server):
+    with openai.OpenAI(base_url=shared_server.url("/v1"), api_key=API_KEY, max_retries=0, timeout=60) as c:
         yield c
 
 
@@ -35,24 +26,24 @@ def test_models_lists_model_colon_variant(client):
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny:native"])
-def test_completion_greedy_equals_reference(client, model):
-    ids = encode(PROMPT)
-    ref, _ = greedy_reference(ids, 12)
+def test_completion_greedy_equals_reference(tiny_ref, client, model):
+    ids = tiny_ref.encode(PROMPT)
+    ref, _ = tiny_ref.greedy(ids, 12)
     r = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.object == "text_completion" and r.model == model and r.id.startswith("cmpl-")
     assert len(r.choices) == 1
-    assert r.choices[0].text == reference_text(ref)
+    assert r.choices[0].text == tiny_ref.text(ref)
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 12, len(ids) + 12)
 
 
-def test_completion_from_token_ids_and_several_prompts(client):
-    first, second = encode("abc"), encode("a longer second prompt")
+def test_completion_from_token_ids_and_several_prompts(tiny_ref, client):
+    first, second = tiny_ref.encode("abc"), tiny_ref.encode("a longer second prompt")
     r = client.completions.create(model="tiny", prompt=[first, second], max_tokens=5, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert [c.index for c in r.choices] == [0, 1]
-    assert [c.text for c in r.choices] == [reference_text(greedy_reference(p, 5)[0]) for p in (first, second)]
+    assert [c.text for c in r.choices] == [tiny_ref.text(tiny_ref.greedy(p, 5)[0]) for p in (first, second)]
     assert r.usage.prompt_tokens == len(first) + len(second) and r.usage.completion_tokens == 10
 
 
@@ -73,14 +64,14 @@ def test_stream_without_include_usage_has_no_usage_chunk(client):
     assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
 
 
-def test_chat_greedy_equals_reference(client):
-    ids = chat_prompt_ids(MESSAGES)
-    ref, _ = greedy_reference(ids, 9)
+def test_chat_greedy_equals_reference(tiny_ref, client):
+    ids = tiny_ref.chat_ids(MESSAGES)
+    ref, _ = tiny_ref.greedy(ids, 9)
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=9, temperature=0,
                                        extra_body={"ignore_eos": True})
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == reference_text(ref)
+    assert r.choices[0].message.content == tiny_ref.text(ref)
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 9)
 
@@ -104,9 +95,9 @@ def test_chat_stream(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
 
 
-def test_n_greedy_choices_are_each_the_reference(client):
-    ids = encode(PROMPT)
-    expected = reference_text(greedy_reference(ids, 6)[0])
+def test_n_greedy_choices_are_each_the_reference(tiny_ref, client):
+    ids = tiny_ref.encode(PROMPT)
+    expected = tiny_ref.text(tiny_ref.greedy(ids, 6)[0])
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, n=3,
                                   extra_body={"ignore_eos": True})
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
@@ -128,10 +119,10 @@ def test_n_seeded_samples_are_reproducible_and_streamed_per_index(client):
     assert [streamed[0], streamed[1]] == [c.message.content for c in a.choices]
 
 
-def test_completion_logprobs_equal_the_reference_log_softmax(client):
-    ids = encode(PROMPT)
-    ref, ref_lps = greedy_reference(ids, 5)
-    tokenizer = tiny_model()[1]
+def test_completion_logprobs_equal_the_reference_log_softmax(tiny_ref, client):
+    ids = tiny_ref.encode(PROMPT)
+    ref, ref_lps = tiny_ref.greedy(ids, 5)
+    tokenizer = tiny_ref.tokenizer
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3,
                                   extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
@@ -145,10 +136,10 @@ def test_completion_logprobs_equal_the_reference_log_softmax(client):
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
-def test_chat_logprobs_equal_the_reference_log_softmax(client):
-    ids = chat_prompt_ids(MESSAGES)
-    ref, ref_lps = greedy_reference(ids, 4)
-    tokenizer = tiny_model()[1]
+def test_chat_logprobs_equal_the_reference_log_softmax(tiny_ref, client):
+    ids = tiny_ref.chat_ids(MESSAGES)
+    ref, ref_lps = tiny_ref.greedy(ids, 4)
+    tokenizer = tiny_ref.tokenizer
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
                                        top_logprobs=2, extra_body={"ignore_eos": True})
     content = r.choices[0].logprobs.content
@@ -159,9 +150,9 @@ def test_chat_logprobs_equal_the_reference_log_softmax(client):
         assert [t.token for t in item.top_logprobs] == tokenizer.convert_ids_to_tokens(lps.topk(2).indices.tolist())
 
 
-def test_stop_string_cuts_the_text(client):
-    ids = encode(PROMPT)
-    text = reference_text(greedy_reference(ids, 24)[0])
+def test_stop_string_cuts_the_text(tiny_ref, client):
+    ids = tiny_ref.encode(PROMPT)
+    text = tiny_ref.text(tiny_ref.greedy(ids, 24)[0])
     printable = [i for i in range(4, len(text) - 2) if text[i:i + 2].isprintable() and "\ufffd" not in text[i:i + 2]]
     assert printable, f"no usable stop string in {text!r}"
     stop = text[printable[0]:printable[0] + 2]
@@ -172,11 +163,11 @@ def test_stop_string_cuts_the_text(client):
         assert r.choices[0].finish_reason == "stop"
 
 
-def test_stop_token_ids_end_with_stop(client):
-    ids = encode(PROMPT)
-    ref, _ = greedy_reference(ids, 10)
+def test_stop_token_ids_end_with_stop(tiny_ref, client):
+    ids = tiny_ref.encode(PROMPT)
+    ref, _ = tiny_ref.greedy(ids, 10)
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0,
                                   extra_body={"ignore_eos": True, "stop_token_ids": [ref[3]]})
     cut = ref.index(ref[3])
-    assert r.choices[0].text == reference_text(ref[:cut])  # the stop token's text is not returned
+    assert r.choices[0].text == tiny_ref.text(ref[:cut])  # the stop token's text is not returned
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == cut + 1

@@ -8,40 +8,22 @@ import os
 import re
 import subprocess
 import sys
-import time
 
-import httpx
 import numpy as np
 import pytest
 import torch
 
 from service.bench import cli
-from service.bench.variants import free_port, held_text
+from service.bench.variants import held_text
+from tests.service.live_server import LiveServer
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", "tiny", "--port", str(port),
-                             "--kv-cache-memory", "32MiB"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, f"tiny server exited with {proc.returncode}; see {log.name}"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "tiny server not healthy after 180 s"
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=60)
-    log.close()
+def server():
+    with LiveServer("--kv-cache-memory", "32MiB") as live:
+        yield live.base_url
 
 
 def test_closed_loop_run_writes_a_well_formed_result(server, tmp_path, capsys):

@@ -3,25 +3,15 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
-
 from model.sampling_params import SamplingParams
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
+from tests.reference import greedy_no_cache
 
 
-@torch.inference_mode()
 def reference_greedy(model, prompt: list[int], max_tokens: int, stop_ids: frozenset[int] = frozenset()) -> list[int]:
     """Greedy tokens of one request through the no-cache forward, recomputing everything each token."""
-    ids = list(prompt)
-    out: list[int] = []
-    for _ in range(max_tokens):
-        token = int(model(torch.tensor([ids]))[0, -1].argmax())
-        out.append(token)
-        ids.append(token)
-        if token in stop_ids:
-            break
-    return out
+    return greedy_no_cache(model, prompt, max_tokens, stop_ids=stop_ids)[0]
 
 
 async def collect(engine: Engine, prompt: list[int], params: SamplingParams, request_id: str):

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from kvcache.kv_cache import KVLayout
 from model.sampling_params import SamplingParams
 from tests.service.engine.engine_helpers import make_engine, reference_greedy, run_all, tokens_of
 
@@ -57,7 +58,7 @@ def test_32_concurrent_requests_match_one_at_a_time(smollm2, references):
 
 def test_preemption_under_a_small_kv_budget_keeps_tokens_exact(smollm2, references):
     model, tokenizer = smollm2
-    bytes_per_block = model.config.kv_bytes_per_token(4) * 16
+    bytes_per_block = KVLayout(model.config.n_layers, model.config.n_kv_heads, model.config.head_dim, 4, 16).bytes_per_block
     engine = make_engine(model, tokenizer, kv_cache_memory=10 * bytes_per_block, max_model_len=160)
     prompts = [p for p in prompts_for(tokenizer, 40, seed=0) if len(p) >= 20][:16]
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)

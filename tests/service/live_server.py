@@ -1,14 +1,13 @@
-"""Helpers for the live-server API tests (this module holds no tests).
+"""Helpers of the live-server tests (no tests, no fixtures here: tests/service/conftest.py has those).
 
 `LiveServer` runs the real command line, `python -m service.cli serve --model tiny ...`, in a
 subprocess on a port the OS picks (`--port 0`; the server logs the one it got), so every test
 talks HTTP to uvicorn exactly as a user would. Also: an independent SSE reader, a /metrics
-scrape parsed with prometheus_client's parser, and the greedy reference of the tiny model
-(the same prompt through the no-cache forward, one token at a time).
+scrape parsed with prometheus_client's parser, and `TinyReference`, the greedy reference of the
+tiny model (the same prompt through the no-cache forward, one token at a time).
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,7 +25,9 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.reference import greedy_no_cache
+
+REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SHARED_MAX_MODEL_LEN = 160
@@ -113,20 +113,6 @@ class LiveServer:
                    f"{name}{labels} never became {expected}")
 
 
-_shared: LiveServer | None = None
-
-
-def shared_server() -> LiveServer:
-    """One tiny server (API key on, max_model_len 160) shared by the OpenAI, native and error tests,
-    started on first use and stopped when the test process exits."""
-    global _shared
-    if _shared is None:
-        _shared = LiveServer("--api-key", API_KEY, "--kv-cache-memory", "2MiB",
-                             "--max-model-len", str(SHARED_MAX_MODEL_LEN)).start()
-        atexit.register(_shared.stop)
-    return _shared
-
-
 def open_raw_request(base_url: str, path: str, body: dict) -> socket.socket:
     """Send a request on a plain socket and return it unread: closing it is a client disconnect."""
     url = urlsplit(base_url)
@@ -166,49 +152,36 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-@cache
-def tiny_model(variant: str = "native"):
-    """What `--model tiny --dtype float32` serves: PRESETS["tiny"] with random weights of seed 0 and
-    the byte-level tokenizer, made here from those parts rather than through the server's loader."""
-    from model.config import PRESETS
-    from model.tokenizer import byte_tokenizer
-    from model.transformer import random_transformer
-    from model.variants import with_variant
+class TinyReference:
+    """What `--model tiny --dtype float32` serves (the `tiny` fixture: PRESETS["tiny"], random weights
+    of seed 0, the byte-level tokenizer), used as the independent reference of the live tests."""
 
-    with one_thread():
-        model = random_transformer(PRESETS["tiny"], seed=0, dtype=torch.float32)
-    return (model if variant == "native" else with_variant(model, variant)), byte_tokenizer()
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self._variants = {"native": model}
 
+    def variant(self, name: str):
+        if name not in self._variants:
+            from model.variants import with_variant
+            self._variants[name] = with_variant(self.model, name)
+        return self._variants[name]
 
-@torch.inference_mode()
-def greedy_reference(prompt_ids: list[int], max_tokens: int, *, ignore_eos: bool = True,
-                     variant: str = "native") -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens through the no-cache forward (whole sequence recomputed each token), and the
-    log-softmax each was chosen from."""
-    model, tokenizer = tiny_model(variant)
-    ids, out, logprobs = list(prompt_ids), [], []
-    with one_thread():
-        for _ in range(max_tokens):
-            lp = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)
-            token = int(lp.argmax())
-            out.append(token)
-            logprobs.append(lp)
-            ids.append(token)
-            if not ignore_eos and token in tokenizer.eos_token_ids:
-                break
-    return out, logprobs
+    @torch.inference_mode()
+    def greedy(self, prompt_ids: list[int], max_tokens: int, *, ignore_eos: bool = True,
+               variant: str = "native") -> tuple[list[int], list[torch.Tensor]]:
+        """Greedy tokens through the no-cache forward (whole sequence recomputed each token), and the
+        log-softmax each was chosen from."""
+        stop_ids = frozenset() if ignore_eos else self.tokenizer.eos_token_ids
+        with one_thread():
+            return greedy_no_cache(self.variant(variant), prompt_ids, max_tokens, stop_ids=stop_ids)
 
+    def text(self, token_ids: list[int]) -> str:
+        """What a client sees for these tokens: special tokens (and so a final EOS) are not text."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-def reference_text(token_ids: list[int]) -> str:
-    """What a client sees for these tokens: special tokens (and so a final EOS) are not text."""
-    return tiny_model()[1].decode(token_ids, skip_special_tokens=True)
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
 
-
-def encode(text: str) -> list[int]:
-    return tiny_model()[1].encode(text, add_special_tokens=True)
-
-
-def chat_prompt_ids(messages: list[dict]) -> list[int]:
-    tokenizer = tiny_model()[1]
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
-                            add_special_tokens=False)
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                                     add_special_tokens=False)

@@ -1,0 +1,151 @@
+"""The one path every route takes: admit → read → route → prompt ids → params → submit → answer.
+
+Route handlers (service.api.routes) say only what differs between endpoints: the body class, how
+its prompt becomes token ids, its SamplingParams, the names its fields have in error messages, and
+the answer's shape. Everything else is here, once: the API key and draining checks, the size-capped
+read and strict parse of the body, routing `model` to an engine, tokenizing and chat rendering
+(large inputs off the event loop; every failure a 4xx naming the field), submitting to the engine
+(which validates each request once, in `Engine.validate`), and aborting on disconnect.
+No FastAPI here (Starlette's Request only).
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from model.sampling_params import SamplingParams
+from service.api.disconnect import unless_disconnected
+from service.api.errors import APIError, bad_request, unavailable
+from service.api.generation import Generation, run_to_end, submit
+from service.api.protocol import InvalidBody, parse_body
+from service.api.state import ServerState
+from service.engine import Engine, RequestError, RequestOutput
+
+Body = TypeVar("Body", bound=BaseModel)
+_MAX_DRAIN_BYTES = 64 << 20  # read past an oversized body up to this, so the client sees the 413
+# Text shorter than this is tokenized on the event loop (microseconds); longer text, and every chat
+# rendering, goes to a small thread pool so one big request never stalls /health or other streams.
+INLINE_CHARS = 4096
+TOKENIZER_THREADS = 2
+
+
+@dataclass(slots=True)
+class Job:
+    """One HTTP request's engine work: one engine request per (prompt, choice)."""
+    variant: str
+    engine: Engine
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    prefix: str                                      # request id prefix: cmpl, chatcmpl, gen
+    names: Mapping[str, str] = field(default_factory=dict)  # engine field -> the endpoint's name for it
+
+
+class Pipeline:
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.tokenizer = state.tokenizer
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="kvserve-tokenizer")
+
+    # ---- admit, read, route ----
+
+    def admit(self, request: Request) -> None:
+        """API key (constant-time compare), then refuse while draining."""
+        key = self.state.api_key
+        if key is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+                raise APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                               "authentication_error", code="invalid_api_key", reason="unauthorized",
+                               headers={"WWW-Authenticate": "Bearer"})
+        if self.state.draining:
+            raise unavailable("the server is shutting down and admits no new requests", "draining", "draining")
+
+    async def read(self, request: Request, cls: type[Body]) -> Body:
+        """admit, then the body (capped at max_body_bytes: 413 beyond) parsed strictly into `cls`."""
+        self.admit(request)
+        limit = self.state.max_body_bytes
+        length = request.headers.get("content-length", "")
+        too_large = length.isdigit() and int(length) > limit
+        chunks, size = [], 0
+        if not too_large or int(length) <= _MAX_DRAIN_BYTES:
+            async for chunk in request.stream():
+                size += len(chunk)
+                too_large = too_large or size > limit
+                if not too_large:
+                    chunks.append(chunk)
+                elif size > _MAX_DRAIN_BYTES:
+                    break
+        if too_large:
+            raise APIError(413, f"request body is larger than the limit of {limit} bytes",
+                           code="request_too_large", reason="invalid")
+        try:
+            return parse_body(cls, b"".join(chunks))
+        except InvalidBody as exc:
+            raise APIError(exc.status, str(exc), param=exc.param, reason="invalid") from None
+
+    def route(self, model: str | None) -> tuple[str, Engine]:
+        try:
+            variant = self.state.route(model)
+        except LookupError as exc:
+            raise APIError(404, str(exc), param="model", code="model_not_found", reason="invalid") from None
+        return variant, self.state.engines[variant]
+
+    @contextmanager
+    def refusals(self, variant: str, names: Mapping[str, str] | None = None) -> Iterator[None]:
+        """RequestError (a bad value in the body) inside the block -> 400 naming the endpoint's field."""
+        try:
+            yield
+        except RequestError as exc:
+            raise bad_request(exc, variant, names or {}) from None
+
+    # ---- text -> token ids (off the event loop when large) ----
+
+    async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if size < INLINE_CHARS:
+            return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def encode(self, prompt: str | Sequence[int], *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt (or the ids themselves; the engine checks their range)."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        return await self._off_loop(len(prompt), self.tokenizer.encode, prompt, add_special_tokens=add_special_tokens)
+
+    async def chat_ids(self, variant: str, messages: Sequence[Mapping[str, Any]], *, param: str = "messages",
+                       add_generation_prompt: bool = True) -> list[int]:
+        """The chat template rendered for `messages` and tokenized (the template writes the special
+        tokens); a template that refuses them (unknown role, empty list, ...) is a 400."""
+        def render() -> list[int]:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+        try:
+            return await self._off_loop(INLINE_CHARS, render)
+        except ValueError as exc:  # ChatTemplateError, or no template at all
+            raise APIError(400, f"{param}: the chat template refused them: {exc}", param=param, reason="invalid",
+                           variant=variant) from None
+
+    async def decode(self, ids: Sequence[int]) -> str:
+        return await self._off_loop(len(ids), self.tokenizer.decode, ids, skip_special_tokens=False)
+
+    # ---- run ----
+
+    async def complete(self, request: Request, job: Job) -> tuple[list[list[RequestOutput]], str]:
+        """Every output of every choice (for a JSON answer), or the APIError to answer instead;
+        aborted if the client leaves first."""
+        return await run_to_end(request.receive, job.variant, job.engine, job.prompts, job.params, job.prefix,
+                                job.names)
+
+    async def start(self, request: Request, job: Job) -> Generation:
+        """A started Generation to stream (submission errors raised before anything is sent)."""
+        gen, _ = await unless_disconnected(
+            request.receive, submit(job.variant, job.engine, job.prompts, job.params, job.prefix, job.names))
+        return gen

@@ -1,0 +1,143 @@
+"""The routes: each says only what differs between endpoints; `Pipeline` does the rest.
+
+OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/models`; the native TGI-like
+`/generate`; `/tokenize`, `/detokenize`; `/health` and `/metrics` (open to probes and scrapers).
+"""
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from model.sampling_params import SamplingParams
+from service.api.errors import APIError
+from service.api.pipeline import Job, Pipeline
+from service.api.protocol_native import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerateRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from service.api.protocol_openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from service.api.responses import GenerateAnswer, OpenAIAnswer
+from service.api.sse import EventStream
+
+
+def register_routes(app: FastAPI, pipe: Pipeline) -> None:
+    state, tokenizer = pipe.state, pipe.tokenizer
+
+    def token_strings(ids: list[int]) -> list[str]:
+        return tokenizer.convert_ids_to_tokens(ids) if ids else []
+
+    async def openai_answer(request: Request, job: Job, model: str | None, n: int, logprobs: bool,
+                            include_usage: bool, *, chat: bool, stream: bool) -> Response:
+        """Run one OpenAI call's engine requests; answer as one JSON body or as SSE."""
+        model_id = model or state.model_ids()[0]
+        created = int(time.time())
+
+        def answer(rid: str) -> OpenAIAnswer:
+            return OpenAIAnswer(id=rid, created=created, model=model_id, n=n, logprobs=logprobs,
+                                include_usage=include_usage, token_strings=token_strings,
+                                token_bytes=tokenizer.token_bytes if chat else None)
+
+        if not stream:
+            outputs, rid = await pipe.complete(request, job)
+            whole = answer(rid)
+            return JSONResponse((whole.chat if chat else whole.completion)(outputs).model_dump())
+        gen = await pipe.start(request, job)
+        parts = answer(gen.request_id)
+        events = (parts.chat_stream if chat else parts.completion_stream)(gen.events(), len(job.prompts))
+        return EventStream(events, gen.close)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        dead = [v for v, e in state.engines.items() if not e.is_alive]
+        if dead:
+            return JSONResponse({"status": "unhealthy", "dead_variants": dead}, status_code=503)
+        return JSONResponse({"status": "ok", "variants": list(state.engines)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        pipe.admit(request)
+        cards = [ModelCard(id=mid, created=state.created, root=state.model_name, max_model_len=e.max_model_len)
+                 for mid, e in zip(state.model_ids(), state.engines.values())]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await pipe.read(request, CompletionRequest)
+        variant, engine = pipe.route(body.model)
+        with pipe.refusals(variant):
+            texts = body.prompts()
+            choices = [body.to_sampling_params(c) for c in range(body.n)]
+        prompts = [await pipe.encode(p) for p in texts]
+        job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl")
+        return await openai_answer(request, job, body.model, body.n, body.logprobs is not None, body.include_usage,
+                                   chat=False, stream=body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await pipe.read(request, ChatCompletionRequest)
+        variant, engine = pipe.route(body.model)
+        names = {"prompt": "messages", "logprobs": "top_logprobs",
+                 "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"}
+        ids = await pipe.chat_ids(variant, body.template_messages())
+        with pipe.refusals(variant, names):
+            params = [body.to_sampling_params(engine.max_model_len - len(ids), c) for c in range(body.n)]
+        job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names)
+        return await openai_answer(request, job, body.model, body.n, body.logprobs, body.include_usage,
+                                   chat=True, stream=body.stream)
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        body = await pipe.read(request, GenerateRequest)
+        variant, engine = pipe.route(body.model)
+        names = {"prompt": "inputs" if body.inputs is not None else "prompt",
+                 "max_tokens": "parameters.max_new_tokens", "stop_token_ids": "parameters.stop_token_ids"}
+        with pipe.refusals(variant):
+            prompt = body.prompt_input()
+            params: SamplingParams = body.to_sampling_params()
+        ids = await pipe.encode(prompt)
+        job = Job(variant, engine, [ids], [params], "gen", names)
+        p = body.parameters
+        prefix = (prompt if isinstance(prompt, str) else await pipe.decode(ids)) if p.return_full_text else ""
+        answer = GenerateAnswer(prefix=prefix, details=p.details, seed=p.seed, token_strings=token_strings)
+        if not body.stream:
+            outputs, _ = await pipe.complete(request, job)
+            return JSONResponse(answer.response(outputs[0]).model_dump(exclude_none=True))
+        gen = await pipe.start(request, job)
+        return EventStream(answer.stream(gen.events()), gen.close)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await pipe.read(request, TokenizeRequest)
+        variant, engine = pipe.route(body.model)
+        if body.messages is not None and body.prompt is None:
+            ids = await pipe.chat_ids(variant, [m.as_template_message() for m in body.messages],
+                                      add_generation_prompt=body.add_generation_prompt)
+        elif body.prompt is not None and body.messages is None:
+            ids = await pipe.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt", reason="invalid",
+                           variant=variant)
+        return JSONResponse(TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
+                            .model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = await pipe.read(request, DetokenizeRequest)
+        variant, engine = pipe.route(body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: token id {bad} is out of range [0, {engine.vocab_size - 1}]",
+                           param="tokens", reason="invalid", variant=variant)
+        return JSONResponse(DetokenizeResponse(prompt=await pipe.decode(body.tokens)).model_dump())
