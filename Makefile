@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench clean
+.PHONY: install serve lint test bench clean
 
 install: $(STAMP)
 
@@ -25,9 +25,14 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	$(BIN)/kvserve serve --host $(HOST) --port $(PORT)
 
+# ruff (lint + import order) and mypy on the packages; `make test` runs it first.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 # Tests start servers beside the test process: with OpenMP's default spin-waiting, processes that
 # share 2 cores slow each other down 10x, so tests let idle threads sleep.
-test: install
+test: lint
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

@@ -35,6 +35,13 @@ class Block:
     block_hash: BlockHash | None = None  # set while registered in the prefix cache
     num_tokens: int = 0                  # slots holding computed K/V, 0..block_size
 
+    @property
+    def cached_hash(self) -> BlockHash:
+        """The key of a block registered in the prefix cache (ValueError for any other block)."""
+        if self.block_hash is None:
+            raise ValueError(f"block {self.block_id} is not in the prefix cache")
+        return self.block_hash
+
 
 class BlockPool:
     def __init__(self, num_blocks: int):
@@ -85,7 +92,7 @@ class BlockPool:
                 block = self._free_unhashed.popleft()
             else:
                 _, block = self._evictable.popitem(last=False)
-                del self._cached[block.block_hash]
+                del self._cached[block.cached_hash]
                 block.block_hash = None
                 block.num_tokens = 0
             block.ref_count = 1

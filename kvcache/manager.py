@@ -122,7 +122,7 @@ class KVCacheManager:
         seq = self._seqs.get(seq_id)
         if seq is None:
             seq = self._seqs[seq_id] = _SeqBlocks(
-                block_hashes=[b.block_hash for b in attach], num_computed_tokens=len(attach) * self.block_size)
+                block_hashes=[b.cached_hash for b in attach], num_computed_tokens=len(attach) * self.block_size)
         seq.blocks.extend(attach)
         seq.blocks.extend(self.pool.allocate(num_new))
         return True

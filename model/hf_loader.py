@@ -167,11 +167,11 @@ class HFCheckpoint:
         gen_file = self.path / "generation_config.json"
         gen_cfg = _read_json(gen_file) if gen_file.is_file() else {}
 
-        special = {name: _special_token_text(tok_cfg.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        special = {name: text for name, text in special.items() if text is not None}
+        texts = {name: _special_token_text(tok_cfg.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        special: dict[str, str] = {name: text for name, text in texts.items() if text is not None}
         eos_ids = _eos_ids(gen_cfg.get("eos_token_id"), self.hf_config.get("eos_token_id"))
-        if "eos_token" not in special and eos_ids:
-            special["eos_token"] = backend.id_to_token(eos_ids[0])
+        if "eos_token" not in special and eos_ids and (text := backend.id_to_token(eos_ids[0])) is not None:
+            special["eos_token"] = text
         if "eos_token" not in special:
             raise ValueError(f"no eos_token in {self.path}: set it in tokenizer_config.json or generation_config.json")
 
@@ -180,7 +180,7 @@ class HFCheckpoint:
             bos, eos = special.get("bos_token"), special["eos_token"]
             backend.post_processor = bos_eos_post_processor(
                 bos if tok_cfg.get("add_bos_token") else None, backend.token_to_id(bos) if bos else None,
-                eos if tok_cfg.get("add_eos_token") else None, backend.token_to_id(eos))
+                eos if tok_cfg.get("add_eos_token") else None, backend.token_to_id(eos) if eos else None)
         return HFTokenizer(backend, special_tokens=special, chat_template=self._chat_template(tok_cfg),
                          extra_eos_token_ids=eos_ids)
 

@@ -298,11 +298,10 @@ class Sampler:
             return out
         lp = logits[rows].float().log_softmax(dim=-1)                                        # (R, V)
         chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device)).squeeze(1)
-        k = max(params[i].logprobs for i in rows)
+        counts = [params[i].logprobs or 0 for i in rows]
+        k = max(counts)
         top_vals, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
-        chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
-        for j, i in enumerate(rows):
-            n = params[i].logprobs
-            out[i] = TokenLogprob(token_id=tokens[i], logprob=chosen[j],
-                                  top=list(zip(top_ids[j][:n], top_vals[j][:n])))
+        chosen_list, vals, ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
+        for j, (i, n) in enumerate(zip(rows, counts)):
+            out[i] = TokenLogprob(token_id=tokens[i], logprob=chosen_list[j], top=list(zip(ids[j][:n], vals[j][:n])))
         return out

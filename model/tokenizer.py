@@ -124,7 +124,10 @@ class HFTokenizer:
 
     @property
     def eos_token_id(self) -> int:
-        return self.backend.token_to_id(self._special_tokens["eos_token"])
+        token_id = self.backend.token_to_id(self._special_tokens["eos_token"])
+        if token_id is None:  # __init__ checked every special token: unreachable
+            raise ValueError("eos_token is not in the vocabulary")
+        return token_id
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

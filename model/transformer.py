@@ -10,7 +10,7 @@ Rotary embedding uses the "rotate half" layout of Hugging Face checkpoints.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,11 @@ class Transformer(nn.Module):
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
+    @property
+    def blocks(self) -> list[Block]:
+        """The decoder layers, typed (nn.ModuleList yields plain Modules)."""
+        return cast(list[Block], list(self.layers))
+
     def set_attention(self, name: str) -> None:
         get_attention(name)
         self.attention = name
@@ -159,7 +164,7 @@ class Transformer(nn.Module):
             raise ValueError("a paged forward needs its PagedMetadata")
         cos, sin = self._rope(meta.positions)
         h = self.tok_embeddings(input_ids)  # (N, dim)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.blocks):
             h = h + layer.attention.forward_paged(layer.attention_norm(h), cos, sin, self.attention,
                                                   kv_cache.k[i], kv_cache.v[i], meta)
             h = h + layer.feed_forward(layer.ffn_norm(h))
@@ -171,7 +176,7 @@ class Transformer(nn.Module):
         T = input_ids.shape[1]
         cos, sin = self._rope(torch.arange(T, device=input_ids.device))
         h = self.tok_embeddings(input_ids)  # (B, T, dim)
-        for layer in self.layers:
+        for layer in self.blocks:
             h = h + layer.attention(layer.attention_norm(h), cos, sin, self.attention)
             h = h + layer.feed_forward(layer.ffn_norm(h))
         return self._logits(h)

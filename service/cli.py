@@ -113,12 +113,13 @@ def env_defaults(parser: argparse.ArgumentParser, environ) -> dict:
             continue
         text = environ[var]
         try:
+            value: object
             if isinstance(action, argparse._StoreTrueAction):
                 if text.strip().lower() not in _BOOL:
                     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (1/0, true/false, yes/no, on/off)")
                 value = _BOOL[text.strip().lower()]
             else:
-                value = action.type(text) if action.type else text
+                value = action.type(text) if callable(action.type) else text
                 if action.choices is not None and value not in action.choices:
                     raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(action.choices)}")
         except argparse.ArgumentTypeError as exc:

@@ -11,7 +11,7 @@ Every series carries the label `variant` (the variant as served: native, mha, gq
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
@@ -170,7 +170,7 @@ class ServerMetrics:
             self.requests_rejected.labels(variant, reason)
         return VariantObserver(self, variant)
 
-    def track(self, variant: str, stats: Callable[[], EngineStats], info: dict[str, str],
+    def track(self, variant: str, stats: Callable[[], EngineStats], info: Mapping[str, object],
               alive: Callable[[], bool] = lambda: True) -> None:
         """Read `stats()` at every scrape for the gauges; `info` labels kvserve_model_info. `alive()`
         is asked too: a stopped engine's last snapshot may predate its stop."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -65,10 +66,14 @@ def build_state(opts: ServeOptions) -> ServerState:
         metrics.track(variant, engine.stats, {
             "model": name, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
             "n_layers": cfg.n_layers, "dtype": opts.dtype, "attention": opts.attention,
-            "block_size": engine.layout.block_size}, alive=lambda e=engine: e.is_alive)
+            "block_size": engine.layout.block_size}, alive=_liveness(engine))
         engines[variant] = engine
         log.info(footprint_line(engine))
     return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key)
+
+
+def _liveness(engine: Engine) -> Callable[[], bool]:
+    return lambda: engine.is_alive
 
 
 def footprint_line(engine: Engine) -> str:

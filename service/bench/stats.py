@@ -145,7 +145,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, *, slo: SLO |
     input_tokens = sum(r.prompt_len for r in ok)
     output_tokens = sum(r.output_tokens for r in ok)
     slo_dict = {} if slo is None else {k: v for k, v in zip(SLO_METRICS, (slo.ttft, slo.tpot, slo.e2el)) if v}
-    goodput = None if not slo_dict else sum(slo.met_by(r) for r in ok) / duration_s
+    goodput = None if slo is None or not slo_dict else sum(slo.met_by(r) for r in ok) / duration_s
     return Summary(
         num_requests=len(records), completed=len(ok), failed=len(records) - len(ok),
         failures=dict(sorted(failures.items())), duration_s=duration_s,

@@ -169,9 +169,9 @@ def measure_serving(base_url: str, rows: list[VariantRow], args: argparse.Namesp
             if s.failed:
                 raise BenchmarkError(f"{row.variant} at concurrency {c}: {s.failed} requests failed {s.failures}")
             row.throughput[c] = s.output_throughput
-            row.ttft_p50_ms[c] = s.ttft_ms.median
+            row.ttft_p50_ms[c] = s.ttft_ms.median if s.ttft_ms else float("nan")
             print(f"  {row.variant:>8} c={c:<3} {s.output_throughput:8.1f} out tok/s  TTFT p50 "
-                  f"{s.ttft_ms.median:8.1f} ms", file=sys.stderr)
+                  f"{row.ttft_p50_ms[c]:8.1f} ms", file=sys.stderr)
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -325,7 +325,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                     "--max-num-seqs", str(max(64, max(args.concurrency))), *shlex.split(args.server_args)]
             server = ServerProcess(argv, free_port(), out / "server.log", args.startup_timeout)
         try:
-            measure_serving(args.base_url.rstrip("/") if args.base_url else server.base_url, rows, args)
+            measure_serving(server.base_url if server is not None else args.base_url.rstrip("/"), rows, args)
         finally:
             if server is not None:
                 server.close()
