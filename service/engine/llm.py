@@ -57,14 +57,13 @@ class LLM:
                  params: SamplingParams | Sequence[SamplingParams] = GREEDY) -> list[Completion]:
         """One Completion per prompt (text is encoded with the checkpoint's special tokens, e.g. BOS).
 
-        `params` is shared by every prompt or given per prompt (default: greedy, 64 tokens). A request the engine refuses raises
-        its RequestError before anything runs."""
+        `params` is shared by every prompt or given per prompt (default: greedy, 64 tokens). A request
+        the engine refuses (`Engine.validate`, run once per request by `Engine.generate`) raises its
+        RequestError; the other requests of the call are then aborted."""
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         per_prompt = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(ids):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(ids)} prompts: give one, or one per prompt")
-        for prompt, sp in zip(ids, per_prompt):
-            self.engine.validate(prompt, sp)
         self.engine.start()
         return asyncio.run(self._run(ids, per_prompt))
 

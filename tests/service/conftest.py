@@ -5,7 +5,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.service.live_server import API_KEY, SHARED_MAX_MODEL_LEN, LiveServer, TinyReference
+from service.api import ServerState
+from service.server import ServeOptions, build_state
+from tests.service.live_server import API_KEY, SHARED_MAX_MODEL_LEN, InProcessServer, LiveServer, TinyReference
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +31,21 @@ def start_server() -> Iterator[Callable[..., LiveServer]]:
     def start(*args: str, env: dict[str, str] | None = None) -> LiveServer:
         servers.append(LiveServer(*args, env=env).start())
         return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def serve_in_process() -> Iterator[Callable[[ServeOptions], tuple[ServerState, str]]]:
+    """`serve_in_process(opts)`: engines and uvicorn in this process (so a test can reach into them),
+    returning (state, base URL); stopped when the test ends."""
+    servers: list[InProcessServer] = []
+
+    def start(opts: ServeOptions) -> tuple[ServerState, str]:
+        servers.append(InProcessServer(build_state(opts)).start())
+        return servers[-1].state, servers[-1].base_url
 
     yield start
     for server in servers:

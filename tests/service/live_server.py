@@ -113,6 +113,35 @@ class LiveServer:
                    f"{name}{labels} never became {expected}")
 
 
+class InProcessServer:
+    """The app served by uvicorn on a thread of this process, its engines started here."""
+
+    def __init__(self, state):
+        import uvicorn
+
+        from service.api import create_app
+        self.state = state
+        self.server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0,
+                                                    log_level="warning", lifespan="off"))
+        self.base_url = ""
+
+    def start(self) -> InProcessServer:
+        for engine in self.state.engines.values():
+            engine.start()
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, "uvicorn did not start")
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self
+
+    def stop(self) -> None:
+        from service.server import stop_engines
+        self.server.should_exit = True
+        self.thread.join(30)
+        stop_engines(self.state)
+
+
 def open_raw_request(base_url: str, path: str, body: dict) -> socket.socket:
     """Send a request on a plain socket and return it unread: closing it is a client disconnect."""
     url = urlsplit(base_url)

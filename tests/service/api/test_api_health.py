@@ -16,23 +16,10 @@ from service.server import ServeOptions, build_state, stop_engines
 from tests.service.live_server import wait_until
 
 
-@pytest.fixture(scope="module")
-def live():
-    opts = ServeOptions(model="tiny", variants=("native", "mqa"), dtype="float32",
-                        engine=EngineConfig(kv_cache_memory=1 << 20))
-    state = build_state(opts)
-    for engine in state.engines.values():
-        engine.start()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, "uvicorn did not start")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield state, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
-    stop_engines(state)
+@pytest.fixture
+def live(serve_in_process):
+    return serve_in_process(ServeOptions(model="tiny", variants=("native", "mqa"), dtype="float32",
+                                         engine=EngineConfig(kv_cache_memory=1 << 20)))
 
 
 def test_route_names():

@@ -7,17 +7,9 @@ import time
 
 import pytest
 
-from model.config import PRESETS
 from model.sampling_params import SamplingParams
-from model.tokenizer import byte_tokenizer
-from model.transformer import random_transformer
 from service.engine.errors import QueueFullError, RequestError
 from tests.service.engine.engine_helpers import make_engine, reference_greedy, run_all, text_of, tokens_of
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return random_transformer(PRESETS["tiny"], seed=1), byte_tokenizer()
 
 
 def random_prompts(n: int, seed: int, lo: int = 1, hi: int = 80, prefix: list[int] | None = None) -> list[list[int]]:
