@@ -3,17 +3,12 @@ engine under it): /health is 503 as soon as any engine loop is dead, requests to
 503, the other variants keep serving."""
 from __future__ import annotations
 
-import threading
-
 import httpx
 import pytest
-import uvicorn
 
 from service.api import ServerState
-from service.api.app import create_app
 from service.engine.config import EngineConfig
-from service.server import ServeOptions, build_state, stop_engines
-from tests.service.live_server import wait_until
+from service.server import ServeOptions
 
 
 @pytest.fixture
