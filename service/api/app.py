@@ -27,10 +27,12 @@ from starlette.requests import ClientDisconnect
 from service.api.disconnect import ClientGone, unless_disconnected, wait_for_disconnect
 from service.api.errors import APIError, bad_request, unavailable
 from service.api.generation import check_prompts, run_to_end, submit
+from service.api.middleware import RequestContextMiddleware, request_id_of
 from service.api.protocol import InvalidBody, error_body, parse_body
 from service.api.protocol_native import DetokenizeRequest, DetokenizeResponse, GenerateRequest, TokenizeRequest, TokenizeResponse
 from service.api.protocol_openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from service.api.responses import GenerateAnswer, OpenAIAnswer
+from service.api.ui import add_ui_routes
 from service.engine.errors import RequestError
 
 if TYPE_CHECKING:
@@ -79,6 +81,7 @@ class _EventStream(StreamingResponse):
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="kvserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics)  # request id, access line, HTTP metrics
     tokenizer = state.tokenizer
 
     # ---- errors ----
@@ -108,7 +111,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        return _error_response(500, f"internal server error: {type(exc).__name__}", "internal_error")
+        rid = request_id_of(request.scope)  # answered outside the middleware, which cannot add it here
+        return _error_response(500, f"internal server error: {type(exc).__name__}", "internal_error",
+                               headers={"X-Request-Id": rid} if rid else None)
 
     # ---- shared steps of every handler ----
 
@@ -293,4 +298,5 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
                             .model_dump())
 
+    add_ui_routes(app, state)  # the web page at / and its /stats
     return app
