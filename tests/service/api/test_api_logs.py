@@ -152,3 +152,13 @@ def test_text_format_is_one_format_for_every_logger():
                      r"prompt_tokens=\d+ output_tokens=3 ttft=[\d.]+s e2e=[\d.]+s$", access.rstrip()), access
     assert any(" INFO uvicorn.error: " in line for line in lines)
     assert all(TEXT_LINE.match(line) for line in lines), [line for line in lines if not TEXT_LINE.match(line)]
+
+
+@pytest.mark.slow
+def test_loading_a_gguf_without_a_terminal_draws_no_progress_bar():
+    # the GGUF loader's tqdm bar would land in container logs: on a pipe it must stay off, so a
+    # JSON log of a real SmolLM2 start-up is JSON from the first line to the last
+    with LiveServer("--model", "smollm2-135m", "--log-format", "json", "--kv-cache-memory", "32MiB") as server:
+        recs = records(server)
+    assert any(r["message"].startswith("variant native:") for r in recs)
+    assert not any("dequantizing" in line for line in server.lines)
