@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,820", f"--user-data-dir={profile}"):
+                 "--window-size=1400,900", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver"),
                               options=options)
@@ -65,8 +65,10 @@ def main(argv=None) -> int:
         driver.find_element(By.ID, "send").click()
         bubble = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant"))
         wait.until(lambda d: bubble.get_attribute("data-done"))
-        card = driver.find_element(By.CSS_SELECTOR, '.card[data-variant="native"]')
-        wait.until(lambda d: int(card.get_attribute("data-generation-total")) > 0)
+        # the panel polls every second: wait until it shows the finished request (blocks now cached)
+        wait.until(lambda d: int(d.find_element(By.CSS_SELECTOR, '.card[data-variant="native"]')
+                                 .get_attribute("data-blocks-cached")) > 0)
+        driver.execute_script("window.scrollTo(0, 0)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(args.out))
         print(f"wrote {args.out}")
