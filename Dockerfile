@@ -10,6 +10,11 @@
 #
 # Configure with KVSERVE_* environment variables (KVSERVE_MODEL, KVSERVE_VARIANTS,
 # KVSERVE_KV_CACHE_MEMORY, KVSERVE_API_KEY, ...): every `kvserve serve` option has one.
+#
+# Threads: kvserve sizes torch's thread pool from the CPUs the container may use (affinity mask
+# and cgroup CPU quota, e.g. `docker run --cpus 2`), so no fixed OMP_NUM_THREADS is baked in here
+# (an image does not know the limit it will run under). Where the limit is known, pass it along:
+#   docker run --cpus 2 -e OMP_NUM_THREADS=2 ...   (compose and the Kubernetes manifests do this)
 ARG BASE_IMAGE=python:3.11-slim
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0

@@ -14,13 +14,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import logging  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _VARIANT = re.compile(r"native|mha|mqa|gqa-[0-9]+")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOG_FORMATS = ("text", "json")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +99,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--no-prefix-caching", action="store_true", default=False)
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                   help="text: one line per record; json: one JSON object per line (kvserve and uvicorn alike)")
+    p.add_argument("--log-stats-interval", type=_seconds(allow_zero=True), default=10.0,
+                   help="seconds between the per-variant stats lines (running, waiting, KV usage, tokens/s), "
+                   "logged while there is activity; 0 turns them off")
+    p.add_argument("--threads", type=_int_at_least(1, 1024), default=None,
+                   help="torch threads for the whole process, split evenly between the variants' engines; "
+                   "default: OMP_NUM_THREADS if set, else the CPUs this process may use (affinity and cgroup quota)")
 
 
 def env_defaults(parser: argparse.ArgumentParser, environ) -> dict:
@@ -147,7 +155,7 @@ def serve_options(args: argparse.Namespace):
         model=args.model, variants=tuple(args.variants), attention=args.attention,
         dtype=auto_dtype(args.device) if args.dtype == "auto" else args.dtype, device=args.device, engine=engine,
         api_key=args.api_key or None, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
-        log_level=args.log_level)
+        log_level=args.log_level, threads=args.threads, log_stats_interval=args.log_stats_interval)
 
 
 def build_parser(environ=None) -> argparse.ArgumentParser:
@@ -176,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_generate(parser.parse_args(argv[1:])) or 0
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.logs import configure_logging
+    configure_logging(args.log_level, args.log_format)
     from service.server import build_state, run
     try:
         opts = serve_options(args)

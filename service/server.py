@@ -10,7 +10,9 @@ signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ import uvicorn
 from service.api import ServerState, create_app
 from service.engine import Engine, EngineConfig
 from service.metrics import ServerMetrics
+from service.stats_log import StatsLogger
+from service.threads import ThreadPlan, plan_threads
 
 log = logging.getLogger("kvserve.server")
 
@@ -38,6 +42,8 @@ class ServeOptions:
     port: int = 8000
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    threads: int | None = None       # None: the CPUs this process may use (service.threads)
+    log_stats_interval: float = 10.0  # seconds between stats lines while busy; 0: none
 
 
 def served_model_name(source: str) -> str:
@@ -54,14 +60,19 @@ def build_state(opts: ServeOptions) -> ServerState:
     from model.loader import load_base
     from model.variants import with_variant
 
+    plan = plan_threads(opts.threads, len(opts.variants))
+    apply_threads(plan)
     dtype = getattr(torch, opts.dtype)
-    base, tokenizer = load_base(opts.model, dtype=dtype, device=opts.device, attention=opts.attention)
-    metrics = ServerMetrics()
-    engines: dict[str, Engine] = {}
+    # a progress bar is for a person watching a terminal, not for container logs
+    base, tokenizer = load_base(opts.model, dtype=dtype, device=opts.device, attention=opts.attention,
+                                progress=sys.stderr.isatty())
     name = served_model_name(opts.model)
+    metrics = ServerMetrics(model_name=name)
+    engines: dict[str, Engine] = {}
+    engine_config = dataclasses.replace(opts.engine, num_threads=plan.per_engine)
     for variant in opts.variants:
         model = base if variant == "native" else with_variant(base, variant)
-        engine = Engine(model, tokenizer, opts.engine, name=variant, observer=metrics.observer(variant))
+        engine = Engine(model, tokenizer, engine_config, name=variant, observer=metrics.observer(variant))
         cfg = model.config
         metrics.track(variant, engine.stats, {
             "model": name, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
@@ -74,6 +85,17 @@ def build_state(opts: ServeOptions) -> ServerState:
 
 def _liveness(engine: Engine) -> Callable[[], bool]:
     return lambda: engine.is_alive
+
+
+def apply_threads(plan: ThreadPlan) -> None:
+    """The whole process's count for loading (each engine thread then sets its own share), and one
+    inter-op thread: kvserve's engines are its inter-op parallelism, torch's pool would sit idle."""
+    torch.set_num_threads(plan.total)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or inter-op work already ran in this process (a second server in tests)
+        pass
+    log.info(plan.describe())
 
 
 def footprint_line(engine: Engine) -> str:
@@ -140,11 +162,16 @@ def run(state: ServerState, opts: ServeOptions) -> int:
     """Start the engines and serve HTTP until a signal has drained the server. Returns the exit status."""
     for engine in state.engines.values():
         engine.start()
+    # log_config=None: uvicorn's loggers propagate to the root handler kvserve configured (one format);
+    # the access line comes from service.api.middleware, with the request id and token counts
     config = uvicorn.Config(create_app(state), host=opts.host, port=opts.port, log_level=opts.log_level,
-                            access_log=opts.log_level == "debug", lifespan="off", timeout_graceful_shutdown=10)
+                            log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=10)
+    stats = StatsLogger(state.engines, state.metrics, opts.log_stats_interval)
+    stats.start()
     try:
         _DrainingServer(config, state, opts.shutdown_timeout).run()
     finally:
+        stats.stop()
         stop_engines(state)
     log.info("stopped")
     return 0

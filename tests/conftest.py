@@ -6,6 +6,7 @@ is only a test-time reference, never imported by product code.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,15 @@ def hf_smollm2(smollm2_gguf_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     return model.eval(), tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """A test that runs `kvserve serve`'s CLI in-process configures the root logger with a handler on
+    the stream pytest captured for it; put the root logger back so later tests never log into a
+    closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -15,10 +15,12 @@ from starlette.requests import ClientDisconnect, Request
 
 from service.api.disconnect import ClientGone
 from service.api.errors import APIError
+from service.api.middleware import RequestContextMiddleware, request_id_of
 from service.api.pipeline import Pipeline
 from service.api.protocol import error_body
 from service.api.routes import register_routes
 from service.api.state import ServerState
+from service.api.ui import add_ui_routes
 
 
 def _error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -29,6 +31,7 @@ def _error_response(status: int, message: str, type_: str, param: str | None = N
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="kvserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics)  # request id, access line, HTTP metrics
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -52,7 +55,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
-        return _error_response(500, f"internal server error: {type(exc).__name__}", "internal_error")
+        rid = request_id_of(request.scope)  # answered outside the middleware, which cannot add it here
+        return _error_response(500, f"internal server error: {type(exc).__name__}", "internal_error",
+                               headers={"X-Request-Id": rid} if rid else None)
 
     register_routes(app, Pipeline(state))
+    add_ui_routes(app, state)  # the web page at / and its /stats
     return app

@@ -18,6 +18,7 @@ from starlette.types import Receive
 from model.sampling_params import SamplingParams
 from service.api.disconnect import unless_disconnected
 from service.api.errors import bad_request, failed, unavailable
+from service.api.request_context import current_record
 from service.engine import Engine, EngineDeadError, QueueFullError, RequestError, RequestOutput
 
 
@@ -34,6 +35,7 @@ class Generation:
         self.request_id = request_id
         self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._record = current_record.get()  # the HTTP request's access-log record, if any
         self._pumps = [asyncio.ensure_future(self._pump(i, engine.generate(p, sp, rid)))
                        for i, (p, sp, rid) in enumerate(zip(prompts, params, self.ids))]
         self._ready: list[tuple[int, RequestOutput]] = []
@@ -42,6 +44,8 @@ class Generation:
     async def _pump(self, index: int, outputs: AsyncIterator[RequestOutput]) -> None:
         try:
             async for out in outputs:
+                if self._record is not None:
+                    self._record.note(self.engine.name, out)
                 self._queue.put_nowait((index, out))
         except Exception as exc:  # submission errors (queue full, ...) reach start() this way
             self._queue.put_nowait((index, exc))

@@ -14,6 +14,7 @@ class EngineConfig:
     max_queue: int = 1024                 # waiting requests beyond this are refused
     request_timeout: float | None = None  # seconds from arrival; None = no limit
     enable_prefix_caching: bool = True
+    num_threads: int | None = None        # the engine thread's torch intra-op threads; None: torch's default
 
     def __post_init__(self) -> None:
         checks = [
@@ -23,6 +24,7 @@ class EngineConfig:
             ("max_queue", self.max_queue >= 0, ">= 0"),
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 1, ">= 1"),
             ("request_timeout", self.request_timeout is None or self.request_timeout > 0, "> 0"),
+            ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1"),
         ]
         for name, ok, allowed in checks:
             if not ok:

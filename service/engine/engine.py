@@ -174,6 +174,11 @@ class Engine:
     # ---- engine thread ----
 
     def _loop(self) -> None:
+        if self.config.num_threads is not None:
+            # OpenMP's thread count belongs to the calling thread: set it here, after torch's lazy
+            # per-thread initialisation (which get_num_threads triggers) so that cannot undo it.
+            torch.get_num_threads()
+            torch.set_num_threads(self.config.num_threads)
         try:
             while not self._stop.is_set():
                 self._wake.clear()
@@ -246,6 +251,8 @@ class Engine:
             self.kv_manager.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         now = time.monotonic()
         delivered = []
+        prefilled = sum(r.num_prompt_tokens for r in sampling if r.first_token_time is None)
+        self.observer.on_tokens(prompt_tokens=prefilled, generation_tokens=len(sampling))
         for req, token, logprob in zip(sampling, tokens, logprobs):
             self._note_token(req, now)
             output = self.outputs.on_token(req, token, logprob, now)

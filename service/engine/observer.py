@@ -15,6 +15,10 @@ class EngineObserver:
     def on_step(self, *, phase: str, duration_s: float, num_tokens: int, num_seqs: int) -> None:
         """One model step; phase is "prefill", "decode" or "mixed"."""
 
+    def on_tokens(self, *, prompt_tokens: int, generation_tokens: int) -> None:
+        """After each step, before its outputs are delivered: the tokens it sampled, and the prompt
+        tokens of the requests whose first token it produced (their prefill is complete)."""
+
     def on_preemption(self) -> None:
         """A running request was preempted (its blocks freed, to be recomputed)."""
 

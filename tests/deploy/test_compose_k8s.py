@@ -89,8 +89,13 @@ def test_compose_services(compose):
 
 def test_compose_env_names_are_cli_options(compose):
     env = compose["services"]["kvserve"]["environment"]
-    unknown = set(env) - ENV_NAMES
+    unknown = set(env) - ENV_NAMES - {"OMP_NUM_THREADS"}
     assert not unknown, f"not kvserve serve options: {unknown}"
+
+
+def test_compose_threads_match_the_cpu_limit(compose):
+    kvserve = compose["services"]["kvserve"]
+    assert int(kvserve["environment"]["OMP_NUM_THREADS"]) == float(kvserve["cpus"])
 
 
 def test_prometheus_scrapes_the_kvserve_service_every_5s(compose, prometheus_config):
@@ -225,8 +230,27 @@ def test_pod_is_non_root_with_resources(k8s, container):
 
 
 def test_env_names_are_cli_options(container):
-    unknown = set(env_of(container)) - ENV_NAMES
+    unknown = set(env_of(container)) - ENV_NAMES - {"OMP_NUM_THREADS"}
     assert not unknown, f"not kvserve serve options: {unknown}"
+
+
+def test_threads_follow_the_cpu_limit(container):
+    # the downward API gives the container's own CPU limit, rounded up to whole CPUs
+    ref = env_of(container)["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]
+    assert ref == {"containerName": container["name"], "resource": "limits.cpu", "divisor": "1"}
+    assert container["resources"]["requests"]["cpu"] == container["resources"]["limits"]["cpu"]
+
+
+def test_no_fixed_replicas_beside_the_autoscaler_and_pods_spread(k8s):
+    spec = k8s["deployment"]["spec"]
+    assert "replicas" not in spec, "a fixed count would reset the HPA's scale on every apply"
+    pod = spec["template"]["spec"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in pod["topologySpreadConstraints"]:
+        assert constraint["maxSkew"] == 1
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
 
 
 def test_api_key_comes_from_the_example_secret(k8s, container):
@@ -255,20 +279,28 @@ def scale_target(doc: dict) -> str:
     return ref["name"]
 
 
-def test_hpa_scales_on_waiting_requests_from_the_adapter(k8s):
+def test_hpa_scales_on_requests_in_flight_from_the_adapter(k8s):
     hpa = k8s["hpa"]
     assert scale_target(hpa) == k8s["deployment"]["metadata"]["name"]
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "Pods"
+    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
     name = metric["pods"]["metric"]["name"]
-    assert name == "kvserve_num_requests_waiting"
+    assert name == "kvserve_requests_in_flight"
     adapter = yaml.safe_load(k8s["prometheus-adapter-rules"]["data"]["config.yaml"])
     (rule,) = adapter["rules"]
-    assert name in rule["seriesQuery"]
-    assert re.fullmatch(rule["name"]["matches"], name) and rule["name"]["as"] == name
+    assert "kvserve_num_requests_running" in rule["seriesQuery"]
+    assert re.fullmatch(rule["name"]["matches"], "kvserve_num_requests_running") and rule["name"]["as"] == name
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
-    assert "<<.Series>>" in rule["metricsQuery"] and "<<.LabelMatchers>>" in rule["metricsQuery"]
+    query = rule["metricsQuery"]
+    assert "<<.Series>>" in query and "<<.LabelMatchers>>" in query and "kvserve_num_requests_waiting" in query
+
+
+def test_hpa_and_keda_share_the_target(k8s):
+    hpa_target = float(k8s["hpa"]["spec"]["metrics"][0]["pods"]["target"]["averageValue"])
+    (trigger,) = k8s["keda-scaledobject"]["spec"]["triggers"]
+    assert float(trigger["metadata"]["threshold"]) == hpa_target
+    assert trigger["metricType"] == "AverageValue"
 
 
 def test_keda_scaled_object(k8s):
@@ -280,7 +312,7 @@ def test_keda_scaled_object(k8s):
     assert trigger["type"] == "prometheus"
     meta = trigger["metadata"]
     assert meta["serverAddress"].startswith("http") and float(meta["threshold"]) > 0
-    assert "kvserve_num_requests_waiting" in meta["query"]
+    assert "kvserve_num_requests_running" in meta["query"] and "kvserve_num_requests_waiting" in meta["query"]
     assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
 
 

@@ -106,11 +106,23 @@ class LiveServer:
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
     def metric(self, name: str, **labels) -> float:
-        return self.metrics()[(name, tuple(sorted(labels.items())))]
+        """The value of the one series of `name` whose labels include `labels` (every kvserve series
+        also carries the constant `model_name`, which callers need not repeat)."""
+        return only_match(self.metrics(), name, **labels)
 
     def wait_for_metric(self, name: str, expected: float, **labels) -> None:
         wait_until(lambda: self.metric(name, **labels) == expected,
                    f"{name}{labels} never became {expected}")
+
+
+def only_match(samples: dict[tuple, float], name: str, **labels) -> float:
+    """From a {(name, sorted labels): value} scrape, the value of the one series of `name` whose
+    labels include `labels`; fails if none or several match."""
+    want = {k: str(v) for k, v in labels.items()}
+    found = [value for (n, pairs), value in samples.items() if n == name and want.items() <= dict(pairs).items()]
+    if len(found) != 1:
+        raise KeyError(f"{len(found)} series of {name} match {want}")
+    return found[0]
 
 
 class InProcessServer:

@@ -42,6 +42,9 @@ OPTIONS = [
     ("--port", "0", "port", 0),
     ("--shutdown-timeout", "0", "shutdown_timeout", 0.0),
     ("--log-level", "debug", "log_level", "debug"),
+    ("--log-format", "json", "log_format", "json"),
+    ("--log-stats-interval", "2.5", "log_stats_interval", 2.5),
+    ("--threads", "3", "threads", 3),
 ]
 
 
@@ -84,6 +87,10 @@ def test_command_line_beats_environment():
     (["--variants", "mqa,mqa"], "twice"),
     (["--dtype", "float64"], "float64"),
     (["--attention", "fast"], "fast"),
+    (["--threads", "0"], "0 is out of range: must be in [1, 1024]"),
+    (["--threads", "two"], "'two'"),
+    (["--log-format", "xml"], "xml"),
+    (["--log-stats-interval", "-1"], ">= 0"),
     (["--bogus"], "--bogus"),
 ])
 def test_bad_command_line_values_are_one_line_and_exit_2(argv, needle, capsys):
@@ -114,6 +121,7 @@ def test_serve_options_builds_the_engine_config():
                                        max_num_batched_tokens=64, max_queue=5, request_timeout=9.0,
                                        enable_prefix_caching=False)
     assert (opts.model, opts.dtype, opts.api_key) == ("tiny", "float32", "k")
+    assert (opts.threads, opts.log_stats_interval) == (None, 10.0)  # None: sized from the CPUs at start-up
 
 
 def test_model_errors_found_at_start_up_are_one_line_exit_2(capsys):

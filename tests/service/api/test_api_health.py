@@ -38,5 +38,5 @@ def test_one_dead_engine_makes_health_503_and_only_its_variant_unavailable(live)
     alive = httpx.post(url + "/v1/completions", json={"model": "tiny:native", "prompt": "x", "max_tokens": 2})
     assert alive.status_code == 200
     metrics = httpx.get(url + "/metrics").text
-    assert 'kvserve_engine_alive{variant="mqa"} 0.0' in metrics
-    assert 'kvserve_engine_alive{variant="native"} 1.0' in metrics
+    assert 'kvserve_engine_alive{model_name="tiny",variant="mqa"} 0.0' in metrics
+    assert 'kvserve_engine_alive{model_name="tiny",variant="native"} 1.0' in metrics

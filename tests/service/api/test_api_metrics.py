@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from model.config import PRESETS
-from tests.service.live_server import LiveServer, open_raw_request, wait_until
+from tests.service.live_server import LiveServer, only_match, open_raw_request, wait_until
 
 VARIANTS = {"mha": 4, "gqa-2": 2, "mqa": 1}  # tiny: 4 query heads -> K/V heads per variant
 BUDGET = 1 << 20
@@ -33,7 +33,7 @@ def test_footprint_of_each_variant_equals_the_formula(server):
     cfg = PRESETS["tiny"]
     m = server.metrics()
     for variant, n_kv in VARIANTS.items():
-        v = (("variant", variant),)
+        v = (("model_name", "tiny"), ("variant", variant))
         bytes_per_token = 2 * cfg.n_layers * n_kv * cfg.head_dim * DTYPE_BYTES
         bytes_per_block = bytes_per_token * BLOCK
         data_blocks = BUDGET // bytes_per_block         # the null block comes on top of the budget
@@ -48,12 +48,12 @@ def test_footprint_of_each_variant_equals_the_formula(server):
                  and dict(labels)["variant"] == variant]
         assert len(infos) == 1 and m[("kvserve_model_info", tuple(sorted(infos[0].items())))] == 1
         labels = infos[0]
-        assert labels == {"variant": variant, "model": "tiny", "n_heads": str(cfg.n_heads), "n_kv_heads": str(n_kv),
+        assert labels == {"model_name": "tiny", "variant": variant, "model": "tiny", "n_heads": str(cfg.n_heads), "n_kv_heads": str(n_kv),
                           "head_dim": str(cfg.head_dim), "n_layers": str(cfg.n_layers), "dtype": "float32",
                           "attention": "flash", "block_size": str(BLOCK)}
     # the same byte budget holds exactly n_heads = 4x the tokens with MQA as with MHA
-    assert m[("kvserve_kv_cache_capacity_tokens", (("variant", "mqa"),))] == \
-        4 * m[("kvserve_kv_cache_capacity_tokens", (("variant", "mha"),))]
+    assert only_match(m, "kvserve_kv_cache_capacity_tokens", variant="mqa") == \
+        4 * only_match(m, "kvserve_kv_cache_capacity_tokens", variant="mha")
 
 
 def test_start_up_logs_one_footprint_line_per_variant(server):
@@ -76,8 +76,7 @@ def test_counters_move_for_the_variant_that_served(tiny_ref, server):
     before = server.metrics()
 
     def delta(name, **labels):
-        key = (name, tuple(sorted(labels.items())))
-        return server.metrics()[key] - before[key]
+        return server.metric(name, **labels) - only_match(before, name, **labels)
 
     r = httpx.post(server.url("/v1/completions"), json={"model": "tiny:gqa-2", "prompt": "count me", "max_tokens": 7,
                                                         "ignore_eos": True}, timeout=60)

@@ -358,10 +358,8 @@ def test_footprint_of_smollm2_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    from model.config import PRESETS
-    from model.transformer import random_transformer
-    return random_transformer(PRESETS["tiny"], seed=3, attention="sdpa")
+def tiny_model(tiny):
+    return tiny[0]
 
 
 def reference_nll(model, ids, window, stride):

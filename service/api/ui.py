@@ -1,0 +1,59 @@
+"""The built-in web page and the JSON it reads.
+
+`GET /` serves one self-contained HTML file (service/api/static/index.html: inline CSS and
+JavaScript, no build step, no external assets, so it works offline): a chat playground that streams
+from `/v1/chat/completions` and a live panel per variant. `GET /stats` is that panel's data, the
+numbers /metrics exports in a shape JavaScript reads directly: each variant's KV footprint (bytes
+per token and per block, capacity, blocks used / cached / free), running / waiting, preemptions and
+running token totals (the page turns their differences into tokens/s). Like /health and /metrics,
+both are open without the API key; the page asks for the key when the server wants one and sends it
+on its API calls.
+"""
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse
+
+if TYPE_CHECKING:
+    from service.api.state import ServerState
+
+
+@cache
+def page_html() -> str:
+    return resources.files("service.api").joinpath("static", "index.html").read_text(encoding="utf-8")
+
+
+def stats_body(state: ServerState) -> dict:
+    variants = []
+    for (variant, engine), model_id in zip(state.engines.items(), state.model_ids()):
+        s, cfg = engine.stats(), engine.model.config
+        observer = state.metrics.observers[variant]
+        variants.append({
+            "variant": variant, "model_id": model_id, "alive": bool(s.alive and engine.is_alive),
+            "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "dtype": str(engine.model.dtype).removeprefix("torch."), "max_model_len": engine.max_model_len,
+            "running": s.num_running, "waiting": s.num_waiting, "preemptions": s.num_preemptions,
+            "prompt_tokens_total": observer.prompt_tokens_total,
+            "generation_tokens_total": observer.generation_tokens_total,
+            "kv": {"bytes_per_token": s.bytes_per_token, "bytes_per_block": s.bytes_per_block,
+                   "block_size": s.block_size, "num_blocks": s.kv.num_blocks, "capacity_tokens": s.capacity_tokens,
+                   "memory_bytes": s.kv_memory_bytes, "stored_tokens": s.kv.stored_tokens,
+                   "blocks_used": s.kv.used_blocks, "blocks_cached": s.kv.cached_blocks,
+                   "blocks_free": s.kv.free_blocks - s.kv.cached_blocks, "usage": s.kv.usage_ratio},
+        })
+    return {"model": state.model_name, "api_key_required": state.api_key is not None, "draining": state.draining,
+            "variants": variants}
+
+
+def add_ui_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/")
+    async def page():
+        return HTMLResponse(page_html(), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/stats")
+    async def stats():
+        return JSONResponse(stats_body(state), headers={"Cache-Control": "no-store"})
