@@ -37,6 +37,10 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         context = list(prompt_ids or ())[-PROMPT_CONTEXT_TOKENS:]
+        # A prompt that ends inside a character must not lend its bytes to the output's first
+        # character: the output's text is its own decode, whatever the prompt.
+        while context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith(REPLACEMENT_CHAR):
+            context.pop()
         self._ids: list[int] = context  # prompt context, then every generated token
         self._num_context = len(context)
         self._prefix_offset = 0

@@ -181,3 +181,12 @@ def test_prompt_context_keeps_the_leading_space_of_a_sentencepiece_style_tokeniz
     streamed = "".join(stream(detok, output)) + detok.flush()
     full = adapter.decode(prompt + output)
     assert streamed == full[len(adapter.decode(prompt)):] == " world is wide"
+
+
+def test_a_prompt_ending_inside_a_character_lends_no_bytes_to_the_output():
+    tok = byte_tokenizer()  # id = 3 + byte
+    prompt = [3 + 0x61, 3 + 0xE2]         # "a" and the first byte of a 3-byte character
+    output = [3 + 0x80, 3 + 0xA2, 3 + 0x62]  # its other two bytes, then "b"
+    detok = IncrementalDetokenizer(tok, prompt_ids=prompt)
+    text = "".join(detok.push([t]) for t in output) + detok.flush()
+    assert text == tok.decode(output, skip_special_tokens=True) == "\ufffd\ufffdb"
