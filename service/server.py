@@ -38,6 +38,10 @@ class ServeOptions:
     port: int = 8000
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    served_model_name: str | None = None   # default: from `model`
+    chat_template: str | None = None       # a template file replacing the checkpoint's
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty = off
+    reject_unknown_fields: bool = False
 
 
 def served_model_name(source: str) -> str:
@@ -51,14 +55,28 @@ def served_model_name(source: str) -> str:
 
 def build_state(opts: ServeOptions) -> ServerState:
     """Load the checkpoint once and build one started engine per variant. ValueError on bad options."""
+    from model.chat_template import compile_chat_template
     from model.loader import load_base
     from model.variants import with_variant
 
+    template = None
+    if opts.chat_template is not None:  # read and compiled first: a bad file fails before the slow load
+        from pathlib import Path
+        try:
+            template = Path(opts.chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--chat-template {opts.chat_template}: {exc.strerror}") from None
+        try:
+            compile_chat_template(template)
+        except ValueError as exc:
+            raise ValueError(f"--chat-template {opts.chat_template}: {exc}") from None
     dtype = getattr(torch, opts.dtype)
     base, tokenizer = load_base(opts.model, dtype=dtype, device=opts.device, attention=opts.attention)
+    if template is not None:
+        tokenizer = tokenizer.with_chat_template(template)
     metrics = ServerMetrics()
     engines: dict[str, Engine] = {}
-    name = served_model_name(opts.model)
+    name = opts.served_model_name or served_model_name(opts.model)
     for variant in opts.variants:
         model = base if variant == "native" else with_variant(base, variant)
         engine = Engine(model, tokenizer, opts.engine, name=variant, observer=metrics.observer(variant))
@@ -69,7 +87,8 @@ def build_state(opts: ServeOptions) -> ServerState:
             "block_size": engine.layout.block_size}, alive=_liveness(engine))
         engines[variant] = engine
         log.info(footprint_line(engine))
-    return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key)
+    return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key,
+                       allowed_origins=opts.allowed_origins, reject_unknown_fields=opts.reject_unknown_fields)
 
 
 def _liveness(engine: Engine) -> Callable[[], bool]:
