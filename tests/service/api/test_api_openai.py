@@ -191,7 +191,8 @@ def test_response_format_json_schema_and_json_object(client):
         jsonschema.validate(json.loads(choice.message.content), SCHEMA)
     assert r.system_fingerprint and r.system_fingerprint.startswith("fp_")
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=60, response_format={"type": "json_object"}, stream=True) if c.choices)
+        model="tiny", messages=MESSAGES, max_tokens=60, temperature=0, response_format={"type": "json_object"},
+        stream=True) if c.choices)
     assert isinstance(json.loads(streamed), dict)
 
 
