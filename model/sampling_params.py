@@ -1,8 +1,39 @@
-"""Per-request sampling parameters, validated where they are built (the API edge), and the
-logprobs record the sampler returns for each chosen token."""
+"""Per-request sampling parameters, validated where they are built (the API edge), the structured
+output a request's text must match, and the logprobs record the sampler returns for each chosen token."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """What a request's generated text must match, as a grammar constrains it token by token.
+
+    kind: json (`value`: a JSON schema, as JSON text), json_object (any JSON object; `value` unused),
+    regex (`value`: the pattern, matched in full), choice (`value`: a JSON list of the allowed
+    strings) or grammar (`value`: an EBNF grammar with a `root` rule, GBNF-style as llama.cpp and
+    xgrammar read it). `strict` (json only): objects carry exactly the properties the schema names,
+    as OpenAI's strict mode; otherwise JSON Schema's own rule (additionalProperties) applies.
+    Equal specs compile once (the compiled grammar is cached by this value).
+    """
+    kind: str
+    value: str = ""
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind {self.kind!r} is unknown: use one of {', '.join(STRUCTURED_KINDS)}")
+
+    @classmethod
+    def choice(cls, options: list[str] | tuple[str, ...]) -> StructuredOutput:
+        return cls("choice", json.dumps(list(options)))
+
+    @property
+    def choices(self) -> list[str]:
+        return json.loads(self.value) if self.kind == "choice" else []
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +51,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None       # top-k logprobs of each chosen token, 0..20
+    min_tokens: int = 0               # the first min_tokens generated tokens never end the request
+    structured_output: StructuredOutput | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -39,6 +72,8 @@ class SamplingParams:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range: must be {allowed}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens!r} is out of range: must be in [0, max_tokens={self.max_tokens}]")
 
 
 @dataclass(slots=True)

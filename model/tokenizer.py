@@ -148,6 +148,11 @@ class HFTokenizer:
     def chat_template(self) -> str | None:
         return self._chat_template
 
+    def with_chat_template(self, template: str) -> HFTokenizer:
+        """The same tokenizer with another chat template (`kvserve serve --chat-template FILE`)."""
+        return HFTokenizer(self.backend, special_tokens=self._special_tokens, chat_template=template,
+                           extra_eos_token_ids=self._eos_token_ids)
+
     # -- text <-> ids --------------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds what the checkpoint adds (e.g. a BOS)."""

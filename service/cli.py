@@ -73,6 +73,14 @@ def _variants(text: str) -> tuple[str, ...]:
     return names
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise argparse.ArgumentTypeError(f"invalid origin {origin!r}: use scheme://host[:port] or *")
+    return origins
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny (random, for tests) or a path "
                    "to a .gguf file or a Hugging Face directory")
@@ -98,6 +106,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=_seconds(allow_zero=True), default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--no-prefix-caching", action="store_true", default=False)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and see (ids are NAME:variant); default: from --model")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file replacing the checkpoint's")
+    p.add_argument("--allowed-origins", type=_origins, default=(),
+                   help="comma list of origins browsers may call the API from (CORS), or '*'; default: none (CORS off)")
+    p.add_argument("--reject-unknown-fields", action="store_true", default=False,
+                   help="answer 400 to a request body with a field the API does not know (default: log it)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                    help="text: one line per record; json: one JSON object per line (kvserve and uvicorn alike)")
@@ -155,7 +171,9 @@ def serve_options(args: argparse.Namespace):
         model=args.model, variants=tuple(args.variants), attention=args.attention,
         dtype=auto_dtype(args.device) if args.dtype == "auto" else args.dtype, device=args.device, engine=engine,
         api_key=args.api_key or None, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
-        log_level=args.log_level, threads=args.threads, log_stats_interval=args.log_stats_interval)
+        log_level=args.log_level, threads=args.threads, log_stats_interval=args.log_stats_interval,
+        served_model_name=args.served_model_name, chat_template=args.chat_template,
+        allowed_origins=tuple(args.allowed_origins), reject_unknown_fields=args.reject_unknown_fields)
 
 
 def build_parser(environ=None) -> argparse.ArgumentParser:

@@ -44,6 +44,10 @@ class ServeOptions:
     log_level: str = "info"
     threads: int | None = None       # None: the CPUs this process may use (service.threads)
     log_stats_interval: float = 10.0  # seconds between stats lines while busy; 0: none
+    served_model_name: str | None = None   # default: from `model`
+    chat_template: str | None = None       # a template file replacing the checkpoint's
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty = off
+    reject_unknown_fields: bool = False
 
 
 def served_model_name(source: str) -> str:
@@ -57,16 +61,30 @@ def served_model_name(source: str) -> str:
 
 def build_state(opts: ServeOptions) -> ServerState:
     """Load the checkpoint once and build one started engine per variant. ValueError on bad options."""
+    from model.chat_template import compile_chat_template
     from model.loader import load_base
     from model.variants import with_variant
 
+    template = None
+    if opts.chat_template is not None:  # read and compiled first: a bad file fails before the slow load
+        from pathlib import Path
+        try:
+            template = Path(opts.chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--chat-template {opts.chat_template}: {exc.strerror}") from None
+        try:
+            compile_chat_template(template)
+        except ValueError as exc:
+            raise ValueError(f"--chat-template {opts.chat_template}: {exc}") from None
     plan = plan_threads(opts.threads, len(opts.variants))
     apply_threads(plan)
     dtype = getattr(torch, opts.dtype)
     # a progress bar is for a person watching a terminal, not for container logs
     base, tokenizer = load_base(opts.model, dtype=dtype, device=opts.device, attention=opts.attention,
                                 progress=sys.stderr.isatty())
-    name = served_model_name(opts.model)
+    if template is not None:
+        tokenizer = tokenizer.with_chat_template(template)
+    name = opts.served_model_name or served_model_name(opts.model)
     metrics = ServerMetrics(model_name=name)
     engines: dict[str, Engine] = {}
     engine_config = dataclasses.replace(opts.engine, num_threads=plan.per_engine)
@@ -80,7 +98,8 @@ def build_state(opts: ServeOptions) -> ServerState:
             "block_size": engine.layout.block_size}, alive=_liveness(engine))
         engines[variant] = engine
         log.info(footprint_line(engine))
-    return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key)
+    return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key,
+                       allowed_origins=opts.allowed_origins, reject_unknown_fields=opts.reject_unknown_fields)
 
 
 def _liveness(engine: Engine) -> Callable[[], bool]:

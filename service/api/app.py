@@ -2,13 +2,18 @@
 
 Routes live in service.api.routes and share one request pipeline (service.api.pipeline). Here:
 how every error becomes an answer. An APIError carries its status and OpenAI error body (and is
-counted in kvserve_requests_rejected_total when it has a reason); Starlette's own 404 / 405 get the
-same body; a client that left gets nothing (499 in logs); anything else is a 500 with a one-line
-message, never a traceback. The only package that imports FastAPI is this one (service.api).
+counted in kvserve_requests_rejected_total when it has a reason); on TGI's routes (`/generate`,
+`/generate_stream`, `POST /`) the body is TGI's instead, `{"error", "error_type"}`, which
+huggingface_hub turns into its ValidationError / OverloadedError. Starlette's own 404 / 405 get the
+OpenAI body; a client that left gets nothing (499 in logs); anything else is a 500 with a one-line
+message, never a traceback. CORS, when --allowed-origins names origins, is Starlette's middleware
+(it answers preflight OPTIONS itself, before the API key check). The only package that imports
+FastAPI is this one (service.api).
 """
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -18,6 +23,7 @@ from service.api.errors import APIError
 from service.api.middleware import RequestContextMiddleware, request_id_of
 from service.api.pipeline import Pipeline
 from service.api.protocol import error_body
+from service.api.protocol_native import TGIError
 from service.api.routes import register_routes
 from service.api.state import ServerState
 from service.api.ui import add_ui_routes
@@ -29,14 +35,27 @@ def _error_response(status: int, message: str, type_: str, param: str | None = N
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+TGI_ROUTES = frozenset({"/generate", "/generate_stream", "/"})
+
+
+def _tgi_error_type(status: int) -> str:
+    return "overloaded" if status in (429, 503) else "validation" if status < 500 else "generation"
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="kvserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)  # request id, access line, HTTP metrics
+    if state.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["*"])
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
         if exc.reason:
             state.metrics.rejected(exc.variant or state.default_variant, exc.reason)
+        if request.method == "POST" and request.url.path in TGI_ROUTES:
+            body = TGIError(error=exc.message, error_type=_tgi_error_type(exc.status)).model_dump()
+            return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)

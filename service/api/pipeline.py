@@ -11,6 +11,7 @@ No FastAPI here (Starlette's Request only).
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +26,11 @@ from model.sampling_params import SamplingParams
 from service.api.disconnect import unless_disconnected
 from service.api.errors import APIError, bad_request, unavailable
 from service.api.generation import Generation, run_to_end, submit
-from service.api.protocol import InvalidBody, parse_body
+from service.api.protocol import InvalidBody, parse_body, unknown_fields
 from service.api.state import ServerState
 from service.engine import Engine, RequestError, RequestOutput
 
+log = logging.getLogger("kvserve.api")
 Body = TypeVar("Body", bound=BaseModel)
 _MAX_DRAIN_BYTES = 64 << 20  # read past an oversized body up to this, so the client sees the 413
 # Text shorter than this is tokenized on the event loop (microseconds); longer text, and every chat
@@ -87,9 +89,16 @@ class Pipeline:
             raise APIError(413, f"request body is larger than the limit of {limit} bytes",
                            code="request_too_large", reason="invalid")
         try:
-            return parse_body(cls, b"".join(chunks))
+            body = parse_body(cls, b"".join(chunks))
         except InvalidBody as exc:
             raise APIError(exc.status, str(exc), param=exc.param, reason="invalid") from None
+        unknown = unknown_fields(body)
+        if unknown and self.state.reject_unknown_fields:
+            raise APIError(400, f"{unknown[0]}: unknown field (the server refuses unknown fields: "
+                           f"--reject-unknown-fields); unknown here: {', '.join(unknown)}", param=unknown[0], reason="invalid")
+        if unknown:  # once per request, as vLLM does: a misspelt field should not pass unnoticed
+            log.warning("%s %s: ignored unknown fields: %s", request.method, request.url.path, ", ".join(unknown))
+        return body
 
     def route(self, model: str | None) -> tuple[str, Engine]:
         try:
@@ -120,11 +129,18 @@ class Pipeline:
         return await self._off_loop(len(prompt), self.tokenizer.encode, prompt, add_special_tokens=add_special_tokens)
 
     async def chat_ids(self, variant: str, messages: Sequence[Mapping[str, Any]], *, param: str = "messages",
-                       add_generation_prompt: bool = True) -> list[int]:
+                       add_generation_prompt: bool = True, continue_final_message: bool = False,
+                       variables: Mapping[str, Any] | None = None) -> list[int]:
         """The chat template rendered for `messages` and tokenized (the template writes the special
-        tokens); a template that refuses them (unknown role, empty list, ...) is a 400."""
+        tokens); a template that refuses them (unknown role, empty list, ...) is a 400.
+        `continue_final_message`: the text ends right after the last message's content (no
+        end-of-turn), so the model continues it; `variables`: extra template variables."""
         def render() -> list[int]:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      **dict(variables or {}))
+            final = str(messages[-1].get("content") or "") if continue_final_message else ""
+            if final and (end := text.rfind(final)) >= 0:
+                text = text[:end + len(final)]
             return self.tokenizer.encode(text, add_special_tokens=False)
 
         try:

@@ -2,8 +2,10 @@
 
 The endpoint bodies live beside this file: protocol_openai (completions, chat, models),
 protocol_native (`/generate`, `/tokenize`, `/detokenize`) and protocol_logprobs (logprobs in
-OpenAI's two shapes). Requests parse strictly (a string is not an int); unknown fields are ignored
-so newer clients keep working. Range checks live in SamplingParams: its ValueError becomes a
+OpenAI's two shapes). Requests parse strictly (a string is not an int); every malformed body is a
+400, as OpenAI and vLLM answer (the openai client raises BadRequestError). Unknown fields are kept
+aside (`unknown_fields`): the pipeline logs them once per request, as vLLM does, or refuses them
+under --reject-unknown-fields. Range checks live in SamplingParams: its ValueError becomes a
 RequestError naming the field as the client spelled it. No FastAPI here.
 """
 from __future__ import annotations
@@ -18,12 +20,25 @@ from service.engine.errors import RequestError
 
 
 class RequestBody(BaseModel):
-    """Base of every request body: strict types, unknown fields ignored."""
-    model_config = ConfigDict(strict=True, extra="ignore")
+    """Base of every request body: strict types, unknown fields kept aside (see unknown_fields)."""
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+def unknown_fields(body: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of every field the body's models do not declare (nested bodies included)."""
+    names = [prefix + key for key in (body.model_extra or {})]
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                where = f"{prefix}{name}." if not isinstance(value, list) else f"{prefix}{name}.{i}."
+                names += unknown_fields(item, where)
+    return names
 
 
 class InvalidBody(ValueError):
-    """The body is not JSON (400), has a wrong type or shape (422) or a bad value (400)."""
+    """The body is not JSON, has a wrong type or shape, or a bad value: a 400 naming the field."""
 
     def __init__(self, message: str, param: str | None, status: int):
         super().__init__(message)
@@ -45,7 +60,7 @@ def parse_body(cls: type[BaseModel], raw: bytes):
             msg = "the body must be a JSON object"
         elif param and not msg.startswith(param.rsplit(".", 1)[-1]):
             msg = f"{param}: {msg}"
-        raise InvalidBody(msg, param, 400 if err["type"] == "value_error" else 422) from None
+        raise InvalidBody(msg, param, 400) from None
 
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[\-]")

@@ -1,16 +1,32 @@
-"""The native bodies: TGI-like `/generate` (request, response, stream event) and `/tokenize` / `/detokenize`.
+"""The native bodies: Text Generation Inference's `/generate`, `/generate_stream` and `POST /`
+(request, response, stream event), and `/tokenize` / `/detokenize`.
 
-`/generate` is greedy unless sampling is asked for, as in TGI; its errors name fields as
-`parameters.<name>`. `/tokenize` takes a prompt or OpenAI chat messages. No FastAPI here.
+TGI's request is `{"inputs": text, "parameters": {...}, "stream": bool}`: greedy unless sampling is
+asked for (do_sample, or any of temperature / top_k / top_p), `grammar` ({type: json | json_schema
+| regex, value}) constrains the output; best_of > 1, watermark, typical_p, adapter_id and
+decoder_input_details are refused (400 naming them). kvserve adds a few knobs TGI lacks (min_p,
+presence_penalty, min_tokens, stop_token_ids, ignore_eos) and `model` for a variant; errors name
+fields as `parameters.<name>`. Responses follow TGI exactly, so `huggingface_hub`'s
+InferenceClient.text_generation reads them. No FastAPI here.
 """
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel
 
-from model.sampling_params import SamplingParams
+from model.sampling_params import SamplingParams, StructuredOutput
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_openai import ChatMessage
+from service.api.protocol_structured import json_spec
 from service.engine.errors import RequestError
+
+DEFAULT_MAX_NEW_TOKENS = 100  # as TGI
+
+
+class Grammar(RequestBody):
+    type: Literal["json", "json_schema", "regex"]
+    value: Any
 
 
 class GenerateParameters(RequestBody):
@@ -19,46 +35,76 @@ class GenerateParameters(RequestBody):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    min_p: float | None = None
     repetition_penalty: float | None = None
-    presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
+    truncate: int | None = None
     top_n_tokens: int | None = None
     details: bool = False
-    return_full_text: bool = False
+    return_full_text: bool | None = False
+    grammar: Grammar | None = None
+    best_of: int | None = None
+    watermark: bool = False
+    typical_p: float | None = None
+    adapter_id: str | None = None
+    decoder_input_details: bool = False
+    # kvserve's, beyond TGI
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def refusals(self) -> None:
+        """RequestError for what TGI accepts and kvserve does not do."""
+        refused = [
+            ("best_of", self.best_of not in (None, 1), "only 1 (one sequence; use n on /v1/completions)"),
+            ("watermark", self.watermark, "only false"),
+            ("typical_p", self.typical_p not in (None, 1.0), "only 1.0 (typical sampling is not implemented)"),
+            ("adapter_id", self.adapter_id is not None, "none (no LoRA adapters are loaded)"),
+            ("decoder_input_details", self.decoder_input_details, "only false (prompt logprobs are not computed)"),
+        ]
+        for name, bad, allowed in refused:
+            if bad:
+                raise RequestError(f"parameters.{name}={getattr(self, name)!r} is not supported: {allowed}",
+                                   f"parameters.{name}")
+        if self.truncate is not None and self.truncate < 1:
+            raise RequestError(f"parameters.truncate={self.truncate} is out of range: must be >= 1", "parameters.truncate")
+
+    def structured_output(self) -> StructuredOutput | None:
+        g = self.grammar
+        if g is None:
+            return None
+        if g.type == "regex":
+            if not isinstance(g.value, str):
+                raise RequestError("parameters.grammar.value: a regex grammar's value must be a string",
+                                   "parameters.grammar.value")
+            return StructuredOutput("regex", g.value)
+        return json_spec(g.value, "parameters.grammar.value")
 
 
 class GenerateRequest(RequestBody):
-    """TGI's shape: `inputs` (or `prompt`: text or token ids), `parameters`, `stream`."""
-    inputs: str | None = None
-    prompt: str | list[int] | None = None
+    """TGI's shape: `inputs`, `parameters`, `stream` (POST / and /generate stream when it is true)."""
+    inputs: str
     parameters: GenerateParameters = GenerateParameters()
     stream: bool = False
     model: str | None = None
 
-    def prompt_input(self) -> str | list[int]:
-        if self.inputs is not None and self.prompt is None:
-            return self.inputs
-        if self.prompt is not None and self.inputs is None:
-            return self.prompt
-        raise RequestError("give exactly one of inputs or prompt", "inputs")
-
     def to_sampling_params(self) -> SamplingParams:
         p = self.parameters
-        # TGI: greedy unless sampling is asked for (do_sample or an explicit temperature)
-        temperature = p.temperature if p.temperature is not None else (1.0 if p.do_sample else 0.0)
+        p.refusals()
+        sampling = p.do_sample or p.temperature is not None or p.top_k is not None or p.top_p is not None
+        temperature = (1.0 if p.temperature is None else p.temperature) if sampling else 0.0
         names = {f: f"parameters.{f}" for f in SamplingParams.__dataclass_fields__}
         names |= {"max_tokens": "parameters.max_new_tokens", "logprobs": "parameters.top_n_tokens"}
         return sampling_params(
-            names, max_tokens=64 if p.max_new_tokens is None else p.max_new_tokens, temperature=temperature,
-            top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
+            names, max_tokens=DEFAULT_MAX_NEW_TOKENS if p.max_new_tokens is None else p.max_new_tokens,
+            temperature=temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, seed=p.seed,
             stop=tuple(p.stop or ()), stop_token_ids=tuple(p.stop_token_ids or ()), ignore_eos=p.ignore_eos,
-            logprobs=p.top_n_tokens,
+            logprobs=p.top_n_tokens or 0,  # every TGI token carries its logprob
+            min_tokens=p.min_tokens, structured_output=p.structured_output(),
         )
 
 
@@ -75,42 +121,48 @@ class DetokenizeRequest(RequestBody):
     tokens: list[int]
 
 
-# ---- responses ----
+# ---- responses (TGI's) ----
 
-class GeneratedToken(BaseModel):
+class Token(BaseModel):
     id: int
     text: str
     logprob: float | None = None
+    special: bool = False
 
 
-class Timings(BaseModel):
-    queue_time_s: float | None  # arrival -> first scheduled
-    ttft_s: float | None        # arrival -> first token
-    e2e_s: float                # arrival -> finished
-
-
-class GenerateDetails(BaseModel):
-    finish_reason: str | None
-    prompt_tokens: int
+class Details(BaseModel):
+    finish_reason: str                  # length | eos_token | stop_sequence
     generated_tokens: int
-    cached_tokens: int
     seed: int | None = None
-    token_ids: list[int]
-    tokens: list[GeneratedToken] | None = None
-    timings: Timings
+    prefill: list[Token] = []
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+    best_of_sequences: None = None
 
 
 class GenerateResponse(BaseModel):
     generated_text: str
-    details: GenerateDetails | None = None
+    details: Details | None = None
 
 
-class GenerateStreamEvent(BaseModel):
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
+class StreamDetails(BaseModel):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None = None
+    input_length: int
+
+
+class StreamResponse(BaseModel):
+    index: int
+    token: Token
+    top_tokens: list[Token] | None = None
     generated_text: str | None = None   # the whole text, on the last event only
-    details: GenerateDetails | None = None
+    details: StreamDetails | None = None
+
+
+class TGIError(BaseModel):
+    error: str
+    error_type: str                     # validation | overloaded | generation | incomplete_generation
 
 
 class TokenizeResponse(BaseModel):

@@ -12,6 +12,7 @@ from pydantic import BaseModel, field_validator, model_serializer
 from model.sampling_params import SamplingParams
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs
+from service.api.protocol_structured import StructuredFields
 from service.engine.errors import RequestError
 
 MAX_N = 16          # choices per request
@@ -32,10 +33,11 @@ def _check_n(n: int) -> int:
 
 class StreamOptions(RequestBody):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage so far on every chunk
 
 
-class _SamplingFields(RequestBody):
-    """The sampling knobs both OpenAI endpoints share (vLLM's extensions included)."""
+class _SamplingFields(StructuredFields):
+    """The sampling knobs both OpenAI endpoints share (vLLM's extensions and structured output included)."""
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -48,6 +50,7 @@ class _SamplingFields(RequestBody):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    min_tokens: int | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -63,14 +66,19 @@ class _SamplingFields(RequestBody):
     @classmethod
     def _no_logit_bias(cls, v):
         if v:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError("logit_bias is not supported: only an empty object (or omit it)")
         return v
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
+
     def _params(self, max_tokens: int, logprobs: int | None, names: dict[str, str], seed_offset: int) -> SamplingParams:
+        structured, _ = self.structured_output()
         return sampling_params(
             names, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -78,7 +86,7 @@ class _SamplingFields(RequestBody):
             # each choice its own reproducible stream: the same seed must not give n identical texts
             seed=None if self.seed is None else self.seed + seed_offset,
             stop=_stop_tuple(self.stop), stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos, logprobs=logprobs,
+            ignore_eos=self.ignore_eos, logprobs=logprobs, min_tokens=self.min_tokens, structured_output=structured,
         )
 
 
@@ -106,7 +114,8 @@ class CompletionRequest(_SamplingFields):
     @classmethod
     def _unsupported(cls, v, info):
         if v:
-            raise ValueError(f"{info.field_name} is not supported")
+            allowed = "false" if info.field_name == "echo" else "null or an empty string"
+            raise ValueError(f"{info.field_name} is not supported: only {allowed}")
         return v
 
     def prompts(self) -> list[str | list[int]]:
@@ -158,6 +167,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
+    documents: list[dict[str, Any]] | None = None
 
     @field_validator("messages")
     @classmethod
@@ -170,11 +185,46 @@ class ChatCompletionRequest(_SamplingFields):
     @classmethod
     def _no_tools(cls, v):
         if v:
-            raise ValueError("tools are not supported")
+            raise ValueError("tools are not supported: no tool calling; omit tools (or send an empty list)")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        if v is not None and v not in ("none", "auto"):
+            raise ValueError(f"tool_choice={v!r} is not supported: only 'none' or 'auto' (there are no tools to call)")
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _no_request_template(cls, v):
+        if v is not None:
+            raise ValueError("chat_template per request is not accepted (templates run code): start the server "
+                             "with --chat-template FILE instead")
         return v
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.as_template_message() for m in self.messages]
+
+    def template_variables(self) -> dict[str, Any]:
+        """Extra chat-template variables: chat_template_kwargs, and documents (RAG templates read them)."""
+        variables = dict(self.chat_template_kwargs or {})
+        reserved = {"messages", "add_generation_prompt", "tools"} & set(variables)
+        if reserved:
+            raise RequestError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}: use the request's own "
+                               "fields", "chat_template_kwargs")
+        if self.documents is not None:
+            variables["documents"] = self.documents
+        return variables
+
+    def check_continuation(self) -> None:
+        """continue_final_message: the last message is the assistant's, extended, with no new turn."""
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise RequestError("continue_final_message=true needs add_generation_prompt=false", "continue_final_message")
+            if self.messages[-1].role != "assistant":
+                raise RequestError("continue_final_message=true needs the last message to be the assistant's "
+                                   f"(it is {self.messages[-1].role!r})", "continue_final_message")
 
     def to_sampling_params(self, room: int, choice: int = 0) -> SamplingParams:
         """`room`: tokens left in the context after the prompt, the default max_tokens as in OpenAI."""
@@ -214,6 +264,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -235,6 +286,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    system_fingerprint: str | None = None
 
 
 class Delta(BaseModel):
@@ -260,6 +312,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):

@@ -1,9 +1,9 @@
 """The answers of the generation endpoints, built from engine outputs: JSON bodies and SSE streams.
 
-For OpenAI's completions and chat completions (OpenAIAnswer) and the native `/generate`
-(GenerateAnswer): a whole response from every output of every choice, and a stream of
-ready-framed server-sent events from (choice index, output) pairs as they arrive. A choice that
-fails mid-stream is followed by an error event. No FastAPI here.
+For OpenAI's completions and chat completions (OpenAIAnswer) and TGI's `/generate`,
+`/generate_stream` and `POST /` (GenerateAnswer): a whole response from every output of every
+choice, and a stream of ready-framed server-sent events from (choice index, output) pairs as they
+arrive. A choice that fails mid-stream is followed by an error event. No FastAPI here.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from service.api.protocol import SSE_DONE, error_body, sse_event
-from service.api.protocol_logprobs import chat_logprobs, completion_logprobs
-from service.api.protocol_native import GenerateDetails, GeneratedToken, GenerateResponse, GenerateStreamEvent, Timings
+from service.api.protocol_logprobs import chat_logprobs, clamp_logprob, completion_logprobs
+from service.api.protocol_native import Details, GenerateResponse, StreamDetails, StreamResponse, TGIError, Token
 from service.api.protocol_openai import (
     AssistantMessage,
     ChatChoice,
@@ -62,6 +62,8 @@ class OpenAIAnswer:
     include_usage: bool
     token_strings: TokenStrings
     token_bytes: Callable | None = None  # exact bytes where the tokenizer knows them
+    system_fingerprint: str | None = None
+    continuous_usage: bool = False       # usage so far on every chunk (vLLM's continuous_usage_stats)
 
     def completion(self, outputs: list[list[RequestOutput]]) -> CompletionResponse:
         choices = [CompletionChoice(
@@ -69,7 +71,7 @@ class OpenAIAnswer:
             logprobs=completion_logprobs(logprob_entries(outs), self.token_strings) if self.logprobs else None)
             for i, outs in enumerate(outputs)]
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                  usage=usage(outputs, self.n))
+                                  usage=usage(outputs, self.n), system_fingerprint=self.system_fingerprint)
 
     async def completion_stream(self, events: ChoiceEvents, num_choices: int) -> AsyncIterator[bytes]:
         offsets = [0] * num_choices
@@ -82,12 +84,14 @@ class OpenAIAnswer:
                 if lp.tokens:
                     offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
             choice = CompletionChoice(index=i, text=out.new_text, logprobs=lp, finish_reason=out.finish_reason)
-            yield sse_event(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
+            yield sse_event(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                               usage=self._running_usage(by_choice),
+                                               system_fingerprint=self.system_fingerprint))
             if out.finish_reason == "error":
                 yield _error_event(out)
         if self.include_usage:
             yield sse_event(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[],
-                                               usage=usage(by_choice, self.n)))
+                                               usage=usage(by_choice, self.n), system_fingerprint=self.system_fingerprint))
         yield SSE_DONE
 
     def chat(self, outputs: list[list[RequestOutput]]) -> ChatCompletionResponse:
@@ -98,11 +102,20 @@ class OpenAIAnswer:
             if self.logprobs else None)
             for i, outs in enumerate(outputs)]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=usage(outputs, self.n))
+                                      usage=usage(outputs, self.n), system_fingerprint=self.system_fingerprint)
+
+    def _running_usage(self, by_choice: list[list[RequestOutput]]) -> Usage | None:
+        """With continuous_usage_stats: the usage so far (choices not yet started count nothing)."""
+        if not self.continuous_usage:
+            return None
+        started = [outs for outs in by_choice if outs]
+        prompt = sum(outs[-1].prompt_tokens for outs in started[::self.n]) if started else 0
+        completion = sum(outs[-1].completion_tokens for outs in started)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage_: Usage | None = None) -> bytes:
         return sse_event(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
-                                             usage=usage_))
+                                             usage=usage_, system_fingerprint=self.system_fingerprint))
 
     async def chat_stream(self, events: ChoiceEvents, num_choices: int) -> AsyncIterator[bytes]:
         by_choice: list[list[RequestOutput]] = [[] for _ in range(num_choices)]
@@ -112,7 +125,7 @@ class OpenAIAnswer:
             by_choice[i].append(out)
             lp = chat_logprobs(out.logprobs or [], self.token_strings, self.token_bytes) if self.logprobs else None
             yield self._chunk([ChatChunkChoice(index=i, delta=Delta(content=out.new_text), logprobs=lp,
-                                               finish_reason=out.finish_reason)])
+                                               finish_reason=out.finish_reason)], self._running_usage(by_choice))
             if out.finish_reason == "error":
                 yield _error_event(out)
         if self.include_usage:
@@ -122,40 +135,60 @@ class OpenAIAnswer:
 
 @dataclass(frozen=True, slots=True)
 class GenerateAnswer:
-    """One `/generate` answer: `prefix` (the prompt, for return_full_text) starts the whole text;
-    `details` adds token ids, per-token text and logprobs, counts and timings."""
+    """One TGI answer: `prefix` (the prompt, for return_full_text) starts generated_text; each engine
+    output is one token, whose `text` is the output's new text (so the texts of the tokens add up to
+    generated_text); `details` adds the tokens, counts and seed; `top_n` the top tokens."""
     prefix: str
     details: bool
     seed: int | None
+    top_n: int
+    input_length: int
     token_strings: TokenStrings
+    special_ids: frozenset[int]
+    eos_ids: frozenset[int]
 
-    def details_of(self, outs: list[RequestOutput]) -> GenerateDetails:
+    def _token(self, token_id: int, text: str, logprob: float | None) -> Token:
+        return Token(id=token_id, text=text, logprob=None if logprob is None else clamp_logprob(logprob),
+                     special=token_id in self.special_ids)
+
+    def _tokens(self, out: RequestOutput) -> tuple[Token, list[Token] | None]:
+        lp = out.logprobs[0] if out.logprobs else None
+        token = self._token(out.new_token_ids[0], out.new_text, lp.logprob if lp else None)
+        if not self.top_n or lp is None:
+            return token, None
+        names = self.token_strings([t for t, _ in lp.top])
+        return token, [self._token(t, name, v) for (t, v), name in zip(lp.top, names)]
+
+    def finish_reason(self, outs: list[RequestOutput]) -> str:
+        """TGI's words: length, eos_token (an end token: EOS, a stop token id, a grammar's end) or stop_sequence."""
         last = outs[-1]
-        token_ids = [t for o in outs for t in o.new_token_ids]
-        lps = {i: e.logprob for i, e in enumerate(logprob_entries(outs))}
-        tokens = [GeneratedToken(id=t, text=s, logprob=lps.get(i))
-                  for i, (t, s) in enumerate(zip(token_ids, self.token_strings(token_ids)))]
-        return GenerateDetails(
-            finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
-            generated_tokens=last.completion_tokens, cached_tokens=last.num_cached_tokens, seed=self.seed,
-            token_ids=token_ids, tokens=tokens, timings=Timings(
-                queue_time_s=None if last.first_scheduled_time is None else last.first_scheduled_time - last.arrival_time,
-                ttft_s=None if last.first_token_time is None else last.first_token_time - last.arrival_time,
-                e2e_s=last.time - last.arrival_time))
+        if last.finish_reason != "stop":
+            return last.finish_reason or "length"
+        ids = [t for o in outs for t in o.new_token_ids]
+        return "eos_token" if ids and ids[-1] in self.eos_ids else "stop_sequence"
 
     def response(self, outs: list[RequestOutput]) -> GenerateResponse:
         text = self.prefix + "".join(o.new_text for o in outs)
-        return GenerateResponse(generated_text=text, details=self.details_of(outs) if self.details else None)
+        if not self.details:
+            return GenerateResponse(generated_text=text)
+        pairs = [self._tokens(o) for o in outs if o.new_token_ids]
+        details = Details(finish_reason=self.finish_reason(outs), generated_tokens=outs[-1].completion_tokens,
+                          seed=self.seed, tokens=[t for t, _ in pairs],
+                          top_tokens=[top or [] for _, top in pairs] if self.top_n else None)
+        return GenerateResponse(generated_text=text, details=details)
 
     async def stream(self, events: ChoiceEvents) -> AsyncIterator[bytes]:
         outs: list[RequestOutput] = []
         async for _, out in events:
             outs.append(out)
+            if out.finish_reason in ("error", "timeout", "abort") or not out.new_token_ids:
+                kind = "generation" if out.finish_reason == "error" else "incomplete_generation"
+                yield sse_event(TGIError(error=out.error or f"generation ended early: {out.finish_reason}", error_type=kind))
+                continue
+            token, top = self._tokens(out)
             last = out.finished
-            yield sse_event(GenerateStreamEvent(
-                text=out.new_text, token_ids=out.new_token_ids, finish_reason=out.finish_reason,
+            yield sse_event(StreamResponse(
+                index=len(outs), token=token, top_tokens=top,
                 generated_text=self.prefix + "".join(o.new_text for o in outs) if last else None,
-                details=self.details_of(outs) if last and self.details else None))
-            if out.finish_reason == "error":
-                yield _error_event(out)
-        yield SSE_DONE
+                details=StreamDetails(finish_reason=self.finish_reason(outs), generated_tokens=out.completion_tokens,
+                                      seed=self.seed, input_length=self.input_length) if last else None))

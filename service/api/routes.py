@@ -1,7 +1,8 @@
 """The routes: each says only what differs between endpoints; `Pipeline` does the rest.
 
-OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/models`; the native TGI-like
-`/generate`; `/tokenize`, `/detokenize`; `/health` and `/metrics` (open to probes and scrapers).
+OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}`;
+Text Generation Inference's `/generate`, `/generate_stream` and `POST /`; `/tokenize`,
+`/detokenize`; `/health` and `/metrics` (open to probes and scrapers).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from service.api.protocol_native import (
     TokenizeResponse,
 )
 from service.api.protocol_openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from service.api.protocol_structured import StructuredFields
 from service.api.responses import GenerateAnswer, OpenAIAnswer
 from service.api.sse import EventStream
 
@@ -32,8 +34,13 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
     def token_strings(ids: list[int]) -> list[str]:
         return tokenizer.convert_ids_to_tokens(ids) if ids else []
 
+    def structured_names(body: StructuredFields) -> dict[str, str]:
+        """The engine's `structured_output` errors named after the field the constraint came in."""
+        _, param = body.structured_output()
+        return {"structured_output": param} if param else {}
+
     async def openai_answer(request: Request, job: Job, model: str | None, n: int, logprobs: bool,
-                            include_usage: bool, *, chat: bool, stream: bool) -> Response:
+                            include_usage: bool, *, chat: bool, stream: bool, continuous_usage: bool = False) -> Response:
         """Run one OpenAI call's engine requests; answer as one JSON body or as SSE."""
         model_id = model or state.model_ids()[0]
         created = int(time.time())
@@ -41,7 +48,8 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         def answer(rid: str) -> OpenAIAnswer:
             return OpenAIAnswer(id=rid, created=created, model=model_id, n=n, logprobs=logprobs,
                                 include_usage=include_usage, token_strings=token_strings,
-                                token_bytes=tokenizer.token_bytes if chat else None)
+                                token_bytes=tokenizer.token_bytes if chat else None,
+                                system_fingerprint=state.system_fingerprint, continuous_usage=continuous_usage)
 
         if not stream:
             outputs, rid = await pipe.complete(request, job)
@@ -72,6 +80,13 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
                  for mid, e in zip(state.model_ids(), state.engines.values())]
         return JSONResponse(ModelList(data=cards).model_dump())
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(request: Request, model_id: str) -> Response:
+        pipe.admit(request)
+        variant, engine = pipe.route(model_id)
+        return JSONResponse(ModelCard(id=model_id, created=state.created, root=state.model_name,
+                                      max_model_len=engine.max_model_len).model_dump())
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await pipe.read(request, CompletionRequest)
@@ -79,10 +94,11 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         with pipe.refusals(variant):
             texts = body.prompts()
             choices = [body.to_sampling_params(c) for c in range(body.n)]
+            names = structured_names(body)
         prompts = [await pipe.encode(p) for p in texts]
-        job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl")
+        job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl", names)
         return await openai_answer(request, job, body.model, body.n, body.logprobs is not None, body.include_usage,
-                                   chat=False, stream=body.stream)
+                                   chat=False, stream=body.stream, continuous_usage=body.continuous_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -90,32 +106,55 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         variant, engine = pipe.route(body.model)
         names = {"prompt": "messages", "logprobs": "top_logprobs",
                  "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"}
-        ids = await pipe.chat_ids(variant, body.template_messages())
+        with pipe.refusals(variant, names):
+            body.check_continuation()
+            variables = body.template_variables()
+            names |= structured_names(body)
+        ids = await pipe.chat_ids(variant, body.template_messages(), add_generation_prompt=body.add_generation_prompt,
+                                  continue_final_message=body.continue_final_message, variables=variables)
         with pipe.refusals(variant, names):
             params = [body.to_sampling_params(engine.max_model_len - len(ids), c) for c in range(body.n)]
         job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names)
         return await openai_answer(request, job, body.model, body.n, body.logprobs, body.include_usage,
-                                   chat=True, stream=body.stream)
+                                   chat=True, stream=body.stream, continuous_usage=body.continuous_usage)
+
+    async def tgi_generate(request: Request, *, stream: bool | None, as_list: bool = False) -> Response:
+        """TGI's generation: `stream` fixed by the route, or None to follow the body's `stream`."""
+        body = await pipe.read(request, GenerateRequest)
+        variant, engine = pipe.route(body.model)
+        p = body.parameters
+        names = {"prompt": "inputs", "structured_output": "parameters.grammar.value"}
+        names |= {f: f"parameters.{f}" for f in ("stop_token_ids", "min_tokens", "temperature", "top_p", "top_k")}
+        names |= {"max_tokens": "parameters.max_new_tokens", "logprobs": "parameters.top_n_tokens"}
+        with pipe.refusals(variant, names):
+            params: SamplingParams = body.to_sampling_params()
+        ids = await pipe.encode(body.inputs)
+        if p.truncate is not None and len(ids) > p.truncate:
+            ids = ids[-p.truncate:]  # TGI: keep the last `truncate` tokens
+        job = Job(variant, engine, [ids], [params], "gen", names)
+        answer = GenerateAnswer(prefix=body.inputs if p.return_full_text else "", details=p.details, seed=p.seed,
+                                top_n=p.top_n_tokens or 0, input_length=len(ids), token_strings=token_strings,
+                                special_ids=tokenizer.special_token_ids,
+                                eos_ids=tokenizer.eos_token_ids | frozenset(params.stop_token_ids))
+        if not (body.stream if stream is None else stream):
+            outputs, _ = await pipe.complete(request, job)
+            result = answer.response(outputs[0]).model_dump(exclude_none=True)
+            return JSONResponse([result] if as_list else result)
+        gen = await pipe.start(request, job)
+        return EventStream(answer.stream(gen.events()), gen.close)
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        body = await pipe.read(request, GenerateRequest)
-        variant, engine = pipe.route(body.model)
-        names = {"prompt": "inputs" if body.inputs is not None else "prompt",
-                 "max_tokens": "parameters.max_new_tokens", "stop_token_ids": "parameters.stop_token_ids"}
-        with pipe.refusals(variant):
-            prompt = body.prompt_input()
-            params: SamplingParams = body.to_sampling_params()
-        ids = await pipe.encode(prompt)
-        job = Job(variant, engine, [ids], [params], "gen", names)
-        p = body.parameters
-        prefix = (prompt if isinstance(prompt, str) else await pipe.decode(ids)) if p.return_full_text else ""
-        answer = GenerateAnswer(prefix=prefix, details=p.details, seed=p.seed, token_strings=token_strings)
-        if not body.stream:
-            outputs, _ = await pipe.complete(request, job)
-            return JSONResponse(answer.response(outputs[0]).model_dump(exclude_none=True))
-        gen = await pipe.start(request, job)
-        return EventStream(answer.stream(gen.events()), gen.close)
+        return await tgi_generate(request, stream=None)
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: Request) -> Response:
+        return await tgi_generate(request, stream=True)
+
+    @app.post("/")
+    async def compat_generate(request: Request) -> Response:
+        """TGI's root route: /generate_stream when `stream` is true, else /generate's answer in a list."""
+        return await tgi_generate(request, stream=None, as_list=True)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:

@@ -1,6 +1,7 @@
 """What the HTTP handlers share: engines by variant, tokenizer, metrics, API key, draining flag."""
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +23,16 @@ class ServerState:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     draining: bool = False
+    reject_unknown_fields: bool = False   # unknown body fields: 400 instead of a log line
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*" = any); none = off
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def system_fingerprint(self) -> str:
+        """OpenAI's fingerprint of the serving configuration: it changes when the model, its variants or
+        their dtype change (outputs may then differ for the same seed)."""
+        config = "|".join([self.model_name, *(f"{v}:{e.model.dtype}" for v, e in self.engines.items())])
+        return "fp_" + hashlib.sha256(config.encode()).hexdigest()[:12]
 
     @property
     def default_variant(self) -> str:

@@ -3,10 +3,12 @@
 Callers on an asyncio loop use `generate()` (an async iterator of RequestOutput) and `abort()`;
 both only hand messages to the engine thread through a locked inbox, so torch work never blocks
 the event loop. Each step: drain the inbox (new requests, aborts), expire timed-out requests,
-schedule, run the model on the flat batch, sample, then detokenize and deliver outputs back to
-each caller's loop with call_soon_threadsafe. An exception inside a step fails that step's
-requests with an error output; the loop keeps serving. Nothing here is global: several engines
-(one per attention variant) can live in one process.
+schedule, run the model on the flat batch, sample (rows with a grammar or a min_tokens ban under
+their token masks; other rows pay nothing for them), then detokenize and deliver outputs back to
+each caller's loop with call_soon_threadsafe. A structured-output request's grammar is compiled
+before it is queued, on the grammar compiler's own threads (service.engine.structured_output).
+An exception inside a step fails that step's requests with an error output; the loop keeps serving.
+Nothing here is global: several engines (one per attention variant) can live in one process.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from kvcache.kv_cache import KVCache
 from kvcache.manager import KVCacheManager
-from model.sampler import Sampler
+from model.sampler import Sampler, TokenMasks
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
@@ -33,6 +35,7 @@ from service.engine.outputs import RequestOutput
 from service.engine.request import Request
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerOutput
+from service.engine.structured_output import GrammarCompiler
 
 log = logging.getLogger("kvserve.engine")
 _IDLE_WAIT_S = 0.05
@@ -70,6 +73,7 @@ class Engine:
         self.runner = ModelRunner(model, self.kv_cache, self.kv_manager)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: deque[Request | str] = deque()  # a new request, or the id of one to abort
@@ -103,6 +107,7 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.grammars.close()
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -140,6 +145,8 @@ class Engine:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         self.validate(prompt_token_ids, params)
+        # compiled (or found in the cache) off this loop and off the engine thread; RequestError if invalid
+        grammar = None if params.structured_output is None else await self.grammars.matcher(params.structured_output)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -149,6 +156,7 @@ class Engine:
         req = self.outputs.new_request(request_id, list(prompt_token_ids), params, time.monotonic(), on_output)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        req.grammar = grammar
         with self._lock:
             if not self.is_alive:
                 raise EngineDeadError(f"engine {self.name!r} is not running")
@@ -236,7 +244,7 @@ class Engine:
             sampling = [s.request for s in out.scheduled if s.samples]
             tokens, logprobs = self.sampler.sample(
                 logits, [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
-                [r.output_token_ids for r in sampling], [r.generator for r in sampling])
+                [r.output_token_ids for r in sampling], [r.generator for r in sampling], self._token_masks(sampling))
         except Exception as exc:  # fail this step's requests, keep serving
             log.exception("step failed in engine %s", self.name)
             for s in out.scheduled:
@@ -262,6 +270,20 @@ class Engine:
         self._stats = self._snapshot()  # before delivery: a caller that sees its end sees its blocks freed
         for req, output in delivered:
             self._deliver(req, output)
+
+    def _token_masks(self, sampling: list[Request]) -> TokenMasks | None:
+        """This step's masks: each grammar's allowed tokens, and stop tokens banned before min_tokens."""
+        rows = [j for j, r in enumerate(sampling) if r.grammar is not None]
+        banned = {j: self.outputs.stop_token_ids(r.params) for j, r in enumerate(sampling)
+                  if r.num_output_tokens < r.params.min_tokens}
+        if not rows and not banned:
+            return None
+        bitmask = None
+        if rows:
+            bitmask = torch.empty((len(rows), self.grammars.bitmask_width), dtype=torch.int32)
+            for g, j in enumerate(rows):
+                sampling[j].grammar.fill_next_token_bitmask(bitmask, g)  # type: ignore[union-attr]
+        return TokenMasks(bitmask, rows, banned)
 
     def _note_admissions(self, out: SchedulerOutput, now: float) -> None:
         for _ in out.preempted:
@@ -294,6 +316,7 @@ class Engine:
 
     def _retire(self, req: Request, reason: str, now: float) -> None:
         self.scheduler.finish(req, reason)
+        req.grammar = None  # the matcher's memory goes with the request
         self._requests.pop(req.request_id, None)
         with self._lock:
             self._live.pop(req.request_id, None)

@@ -1,9 +1,14 @@
 """Per-token bookkeeping after sampling: detokenize, match stop conditions, build RequestOutputs.
 
-Runs on the engine thread. Finish rules, in order: a stop token (EOS unless ignore_eos, or one of
-stop_token_ids; its text is not returned), a stop string (cut before the match), max_tokens, then
-max_model_len (both "length"). Text that might still begin a stop string is held back until it is
-ruled out, and released when the request ends for another reason.
+Runs on the engine thread. A request with a grammar feeds it each token first (a token the grammar
+refuses ends the request with an error; the sampler's mask makes that a bug, not an outcome).
+Finish rules, in order: a stop token (EOS unless ignore_eos, or one of stop_token_ids; its text is
+not returned) or a grammar that has ended (it allowed nothing but a stop token: the grammar's end
+wins over ignore_eos), a stop string (cut before the match), max_tokens, then max_model_len (both
+"length"). The first min_tokens tokens never end a request: the sampler bans stop tokens until then
+(unless the grammar has ended) and their text is not searched for stop strings. Text that might
+still begin a stop string is held back until it is ruled out, and released when the request ends
+for another reason.
 """
 from __future__ import annotations
 
@@ -35,21 +40,35 @@ class OutputProcessor:
         """Append one sampled token; the output says whether the request is now finished."""
         req.append_token(token_id)
         params = req.params
+        lps = [logprob] if logprob is not None else None
         text = ""
         reason = None
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        grammar_ended = False
+        if req.grammar is not None:
+            if not req.grammar.accept_token(token_id):
+                return self.output(req, [token_id], self._release(req), "error", now, lps,
+                                   error=f"internal error: the grammar refused token {token_id} that its mask allowed")
+            grammar_ended = req.grammar.is_terminated()
+        if grammar_ended or token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
             reason = "stop"
             text = self._release(req)
         else:
             text = req.detokenizer.push([token_id])
-            if req.stop_matcher is not None:
+            if req.stop_matcher is not None and req.num_output_tokens > params.min_tokens:
                 text, matched = req.stop_matcher.push(text)
                 if matched:
                     reason = "stop"
             if reason is None and (req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len):
                 reason = "length"
                 text += self._release(req)
-        return self.output(req, [token_id], text, reason, now, [logprob] if logprob is not None else None)
+        return self.output(req, [token_id], text, reason, now, lps)
+
+    def stop_token_ids(self, params: SamplingParams) -> list[int]:
+        """The tokens that would end a request now: what the sampler bans before min_tokens."""
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids |= self.eos_token_ids
+        return sorted(ids)
 
     def _release(self, req: Request) -> str:
         """Everything still held back, at a finish that is not a stop-string match."""

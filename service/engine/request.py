@@ -11,6 +11,7 @@ from model.sampling_params import SamplingParams
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.outputs import RequestOutput
 from service.engine.stop_strings import StopStringMatcher
+from service.engine.structured_output import TokenMatcher
 
 
 class RequestStatus(IntEnum):
@@ -36,6 +37,7 @@ class Request:
     on_output: Callable[[RequestOutput], None]  # thread-safe hop to the caller's event loop
     stop_matcher: StopStringMatcher | None = None
     generator: torch.Generator | None = None    # seeded sampling; used only on the engine thread
+    grammar: TokenMatcher | None = None         # structured output: fed every sampled token; released at the end
     all_token_ids: list[int] = field(default_factory=list)  # prompt then outputs; filled in __post_init__
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

@@ -365,3 +365,37 @@ def test_bfloat16_logits_sample_like_their_float32_values():
         gens = [None] + [make_generator(p.seed) for p in params[1:]]
         runs.append(Sampler(seed=0).sample(x, params, [[1, 2]] * 4, [[3]] * 4, gens))
     assert runs[0] == runs[1]
+
+
+# ---- token masks (structured output, min_tokens) ----
+
+def _bitmask(allowed_rows: list[list[int]], vocab: int) -> torch.Tensor:
+    bits = torch.zeros(len(allowed_rows), 32 * ((vocab + 31) // 32), dtype=torch.bool)
+    for g, ids in enumerate(allowed_rows):
+        bits[g, ids] = True
+    packed = (bits.view(len(allowed_rows), -1, 32).long() << torch.arange(32)).sum(-1)
+    return packed.to(torch.int64).bitwise_and(0xFFFFFFFF).to(torch.int32)  # wraps like a C uint32 -> int32
+
+
+def test_token_masks_restrict_only_the_masked_rows_and_keep_raw_logprobs():
+    from model.sampler import Sampler, TokenMasks
+    torch.manual_seed(0)
+    V = 70
+    logits = torch.randn(3, V)
+    params = [SamplingParams(temperature=0, logprobs=1), SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3)]
+    allowed = [[5, 33, 64], [1, 2, 69]]
+    masks = TokenMasks(_bitmask(allowed, V), rows=[0, 2])
+    gens = [None, None, torch.Generator().manual_seed(3)]
+    tokens, lps = Sampler().sample(logits, params, [[1]] * 3, [[]] * 3, gens, masks)
+    assert tokens[0] == max(allowed[0], key=lambda t: float(logits[0, t]))
+    assert tokens[1] == int(logits[1].argmax())          # unmasked: untouched
+    assert tokens[2] in allowed[1]
+    assert lps[0].logprob == pytest.approx(float(logits[0].log_softmax(-1)[tokens[0]]), abs=1e-5)  # the raw distribution
+
+
+def test_a_ban_is_lifted_when_the_grammar_allows_nothing_else():
+    from model.sampler import TokenMasks, apply_token_masks
+    logits = torch.zeros(2, 40)
+    apply_token_masks(logits, TokenMasks(_bitmask([[7]], 40), rows=[0], banned={0: [7], 1: [3, 4]}))
+    assert torch.isfinite(logits[0]).tolist() == [i == 7 for i in range(40)]   # only the stop token: it stays
+    assert torch.isneginf(logits[1]).nonzero().squeeze(1).tolist() == [3, 4]  # a plain min_tokens ban

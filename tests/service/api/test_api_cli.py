@@ -45,6 +45,10 @@ OPTIONS = [
     ("--log-format", "json", "log_format", "json"),
     ("--log-stats-interval", "2.5", "log_stats_interval", 2.5),
     ("--threads", "3", "threads", 3),
+    ("--served-model-name", "smol", "served_model_name", "smol"),
+    ("--chat-template", "/tmp/t.jinja", "chat_template", "/tmp/t.jinja"),
+    ("--allowed-origins", "https://a.example,https://b.example", "allowed_origins",
+     ("https://a.example", "https://b.example")),
 ]
 
 
@@ -62,7 +66,7 @@ def test_every_serve_option_is_covered_here():
     parser = cli.build_parser(environ={})
     serve = parser._subparsers._group_actions[0].choices["serve"]
     options = {o for a in serve._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
-    assert options == {o for o, *_ in OPTIONS} | {"--no-prefix-caching"}
+    assert options == {o for o, *_ in OPTIONS} | {"--no-prefix-caching", "--reject-unknown-fields"}
 
 
 @pytest.mark.parametrize("text,expected", [("1", True), ("true", True), ("ON", True), ("0", False), ("no", False)])

@@ -49,8 +49,11 @@ def rejected(server, reason: str) -> float:
 def test_protected_routes_need_the_bearer_key(server, method, path, headers):
     before = rejected(server, "unauthorized")
     r = httpx.request(method, server.url(path), headers=headers, json={"prompt": "x"}, timeout=30)
-    err = assert_error(r, 401)
-    assert err["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
+    if path == "/generate":  # TGI's route: TGI's error body
+        assert r.status_code == 401 and "API key" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
+    else:
+        err = assert_error(r, 401)
+        assert err["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
     assert rejected(server, "unauthorized") == before + 1
 
 
@@ -74,14 +77,14 @@ def test_openai_client_with_and_without_the_key(server):
 TOO_LONG_PROMPT = "y" * (MAX_MODEL_LEN + 5)  # the byte tokenizer: one token per ASCII byte
 CASES = [
     ("/v1/completions", b"{not json", 400, None, "invalid"),
-    ("/v1/completions", b"[1, 2]", 422, None, "invalid"),
+    ("/v1/completions", b"[1, 2]", 400, None, "invalid"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "invalid"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "invalid"),
-    ("/v1/completions", {"max_tokens": 3}, 422, "prompt", "invalid"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "invalid"),
     ("/v1/completions", {"prompt": TOO_LONG_PROMPT}, 400, "prompt", "too_long"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid"),
     ("/v1/completions", {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens", "too_long"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": "10"}, 422, "max_tokens", "invalid"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "10"}, 400, "max_tokens", "invalid"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "invalid"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "invalid"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "invalid"),
@@ -93,22 +96,29 @@ CASES = [
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "invalid"),
     ("/v1/completions", {"prompt": "x", "model": "tiny:mqa"}, 404, "model", "invalid"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "invalid"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 422, "messages.0.content", "invalid"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content", "invalid"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": TOO_LONG_PROMPT}]}, 400, "messages",
      "too_long"),
     ("/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid"),
     ("/v1/chat/completions", {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs", "invalid"),
     ("/v1/chat/completions", {"messages": MSG, "temperature": -0.5}, 400, "temperature", "invalid"),
-    ("/generate", {"parameters": {}}, 400, "inputs", "invalid"),
-    ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 0}}, 400, "parameters.max_new_tokens", "invalid"),
-    ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 500}}, 400, "parameters.max_new_tokens",
-     "too_long"),
-    ("/generate", {"inputs": "x", "parameters": {"top_p": 2}}, 400, "parameters.top_p", "invalid"),
-    ("/generate", {"inputs": "x", "parameters": {"temperature": "warm"}}, 422, "parameters.temperature", "invalid"),
-    ("/generate", {"inputs": TOO_LONG_PROMPT}, 400, "inputs", "too_long"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     400, "response_format.json_schema.schema", "invalid"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "(["}, 400, "guided_regex", "invalid"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "a", "guided_choice": ["b"]}, 400, "guided_choice", "invalid"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format.type", "invalid"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens", "invalid"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias", "invalid"),
+    ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "invalid"),
+    ("/v1/chat/completions", {"messages": MSG, "tool_choice": "required"}, 400, "tool_choice", "invalid"),
+    ("/v1/chat/completions", {"messages": MSG, "continue_final_message": True}, 400, "continue_final_message", "invalid"),
+    ("/v1/chat/completions", {"messages": MSG, "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs", "invalid"),
+    ("/v1/chat/completions", {"messages": MSG, "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400,
+     "structured_outputs", "invalid"),
     ("/tokenize", {}, 400, "prompt", "invalid"),
     ("/detokenize", {"tokens": [1, 100000]}, 400, "tokens", "invalid"),
-    ("/detokenize", {"tokens": "abc"}, 422, "tokens", "invalid"),
+    ("/v1/models/gpt-4", None, 404, "model", "invalid"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens", "invalid"),
 ]
 
 
@@ -117,10 +127,37 @@ CASES = [
 def test_bad_input_is_a_4xx_naming_the_field(server, http, path, body, status, param, reason):
     before = rejected(server, reason)
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-    err = assert_error(http.post(path, **kwargs), status, param)
+    err = assert_error(http.get(path) if body is None else http.post(path, **kwargs), status, param)
     assert err["type"] == "invalid_request_error"
     if param:
         assert param.split(".")[-1] in err["message"]
+    assert rejected(server, reason) == before + 1
+
+
+# ---- TGI's routes answer TGI's error body: {"error", "error_type"} ----
+
+TGI_CASES = [
+    ({"parameters": {}}, "inputs", "invalid"),
+    ({"inputs": "x", "parameters": {"max_new_tokens": 0}}, "parameters.max_new_tokens", "invalid"),
+    ({"inputs": "x", "parameters": {"max_new_tokens": 500}}, "parameters.max_new_tokens", "too_long"),
+    ({"inputs": "x", "parameters": {"top_p": 2}}, "parameters.top_p", "invalid"),
+    ({"inputs": "x", "parameters": {"temperature": "warm"}}, "parameters.temperature", "invalid"),
+    ({"inputs": TOO_LONG_PROMPT}, "inputs", "too_long"),
+    ({"inputs": "x", "parameters": {"best_of": 2}}, "parameters.best_of", "invalid"),
+    ({"inputs": "x", "parameters": {"watermark": True}}, "parameters.watermark", "invalid"),
+    ({"inputs": "x", "parameters": {"decoder_input_details": True}}, "parameters.decoder_input_details", "invalid"),
+    ({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "(["}}}, "parameters.grammar.value", "invalid"),
+]
+
+
+@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/"])
+@pytest.mark.parametrize("body,param,reason", TGI_CASES, ids=[c[1] for c in TGI_CASES])
+def test_tgi_errors_are_tgi_shaped_and_name_the_field(server, http, path, body, param, reason):
+    before = rejected(server, reason)
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error", "error_type"} and r.json()["error_type"] == "validation"
+    assert param.split(".")[-1] in r.json()["error"]
     assert rejected(server, reason) == before + 1
 
 

@@ -3,6 +3,7 @@ and the SSE framing of every streaming endpoint read byte for byte."""
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -25,66 +26,78 @@ def test_health(http):
 
 def test_generate_greedy_tokens_and_details(tiny_ref, http):
     ids = tiny_ref.encode(PROMPT)
-    ref, _ = tiny_ref.greedy(ids, 10)
+    ref, lps = tiny_ref.greedy(ids, 10)
     r = http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 10, "ignore_eos": True,
-                                                                      "details": True}})
+                                                                      "details": True, "top_n_tokens": 2}})
     assert r.status_code == 200
     body = r.json()
     assert body["generated_text"] == tiny_ref.text(ref)
     d = body["details"]
-    assert d["token_ids"] == ref and [t["id"] for t in d["tokens"]] == ref
-    assert (d["finish_reason"], d["prompt_tokens"], d["generated_tokens"]) == ("length", len(ids), 10)
-    t = d["timings"]
-    assert 0 <= t["queue_time_s"] <= t["ttft_s"] <= t["e2e_s"]
+    assert [t["id"] for t in d["tokens"]] == ref and "".join(t["text"] for t in d["tokens"]) == body["generated_text"]
+    assert (d["finish_reason"], d["generated_tokens"], d["prefill"]) == ("length", 10, [])
+    for token, lp in zip(d["tokens"], lps):
+        assert abs(token["logprob"] - float(lp[token["id"]])) < 1e-3 and token["special"] is False
+    assert [[t["id"] for t in top] for top in d["top_tokens"]] == [lp.topk(2).indices.tolist() for lp in lps]
 
 
-def test_generate_without_details_is_only_the_text(http):
+def test_generate_without_details_is_only_the_text_and_root_is_a_list(http):
     r = http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}})
     assert set(r.json()) == {"generated_text"}
+    root = http.post("/", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}})
+    assert root.json() == [r.json()]
 
 
-def test_generate_from_token_ids_and_full_text(tiny_ref, http):
+def test_generate_full_text_and_truncate(tiny_ref, http):
     ids = tiny_ref.encode("xyz")
     ref, _ = tiny_ref.greedy(ids, 4)
-    r = http.post("/generate", json={"prompt": ids, "parameters": {"max_new_tokens": 4, "ignore_eos": True,
-                                                                   "return_full_text": True, "details": True}})
+    r = http.post("/generate", json={"inputs": "xyz", "parameters": {"max_new_tokens": 4, "ignore_eos": True,
+                                                                     "return_full_text": True}})
     assert r.json()["generated_text"] == "xyz" + tiny_ref.text(ref)
-    assert r.json()["details"]["token_ids"] == ref
+    long = "a long prompt that is cut to its last three tokens: xyz"
+    r = http.post("/generate", json={"inputs": long, "parameters": {"max_new_tokens": 4, "ignore_eos": True,
+                                                                    "truncate": 3, "details": True}})
+    assert [t["id"] for t in r.json()["details"]["tokens"]] == ref
 
 
-def test_generate_stream(tiny_ref, http):
+@pytest.mark.parametrize("path,body", [("/generate_stream", {}), ("/generate", {"stream": True}), ("/", {"stream": True})])
+def test_generate_stream_is_tgi_events(tiny_ref, http, path, body):
     ids = tiny_ref.encode(PROMPT)
     ref, _ = tiny_ref.greedy(ids, 8)
-    with http.stream("POST", "/generate", json={"inputs": PROMPT, "stream": True,
-                                                "parameters": {"max_new_tokens": 8, "ignore_eos": True,
-                                                               "details": True}}) as r:
+    with http.stream("POST", path, json={"inputs": PROMPT, **body,
+                                         "parameters": {"max_new_tokens": 8, "ignore_eos": True}}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = read_sse(r.read().decode())
-    assert events[-1] == "[DONE]"
-    payloads = [json.loads(e) for e in events[:-1]]
-    assert [t for p in payloads for t in p["token_ids"]] == ref
-    assert "".join(p["text"] for p in payloads) == tiny_ref.text(ref)
-    assert all(p["generated_text"] is None and p["finish_reason"] is None for p in payloads[:-1])
-    assert payloads[-1]["generated_text"] == tiny_ref.text(ref) and payloads[-1]["finish_reason"] == "length"
-    assert payloads[-1]["details"]["token_ids"] == ref
+        events = [json.loads(e) for e in read_sse(r.read().decode())]
+    assert [e["token"]["id"] for e in events] == ref and [e["index"] for e in events] == list(range(1, 9))
+    assert "".join(e["token"]["text"] for e in events) == tiny_ref.text(ref)
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    assert events[-1]["generated_text"] == tiny_ref.text(ref)
+    assert events[-1]["details"] == {"finish_reason": "length", "generated_tokens": 8, "seed": None,
+                                     "input_length": len(ids)}
+
+
+def test_generate_grammar_regex(http):
+    r = http.post("/generate", json={"inputs": "Date:", "parameters": {
+        "max_new_tokens": 20, "grammar": {"type": "regex", "value": "[0-9]{4}-[0-9]{2}-[0-9]{2}"}, "details": True}})
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", r.json()["generated_text"])
+    assert r.json()["details"]["finish_reason"] == "eos_token"
 
 
 @pytest.mark.parametrize("path,body", [
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}),
-    ("/generate", {"inputs": PROMPT, "stream": True, "parameters": {"max_new_tokens": 6}}),
+    ("/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6}}),
 ])
-def test_sse_framing_is_data_lines_and_blank_lines_ending_with_done(http, path, body):
+def test_sse_framing_is_data_lines_and_blank_lines(http, path, body):
     with http.stream("POST", path, json=body) as r:
         raw = r.read().decode()
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["cache-control"] == "no-cache"
-    assert raw.endswith("data: [DONE]\n\n")
+    assert raw.endswith("data: [DONE]\n\n") == path.startswith("/v1/")  # TGI's stream has no [DONE]
     blocks = raw.split("\n\n")
     assert blocks[-1] == ""
     for block in blocks[:-1]:
         assert block.startswith("data: ") and "\n" not in block  # one data line per event, nothing else
-    for block in blocks[:-2]:
+    for block in blocks[:-2 if path.startswith("/v1/") else -1]:
         json.loads(block[len("data: "):])
 
 

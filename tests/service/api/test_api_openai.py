@@ -2,7 +2,9 @@
 usage, finish reasons, n, logprobs, stop. Greedy answers must equal the no-cache reference forward."""
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import openai
 import pytest
@@ -171,3 +173,65 @@ def test_stop_token_ids_end_with_stop(tiny_ref, client):
     cut = ref.index(ref[3])
     assert r.choices[0].text == tiny_ref.text(ref[:cut])  # the stop token's text is not returned
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == cut + 1
+
+
+# ---- structured output, models.retrieve, fingerprint, errors, the chat fields ----
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "tag": {"enum": ["a", "b"]}},
+          "required": ["n", "tag"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_and_json_object(client):
+    import jsonschema
+    fmt = {"type": "json_schema", "json_schema": {"name": "rec", "schema": SCHEMA, "strict": True}}
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=60, response_format=fmt, n=2,
+                                       temperature=1.0, seed=5)
+    for choice in r.choices:
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+    assert r.system_fingerprint and r.system_fingerprint.startswith("fp_")
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=60, temperature=0, response_format={"type": "json_object"},
+        stream=True) if c.choices)
+    assert isinstance(json.loads(streamed), dict)
+
+
+def test_guided_choice_and_regex_on_completions(client):
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, n=3, temperature=1.0,
+                                  extra_body={"guided_choice": ["yes", "no"]})
+    assert {c.text for c in r.choices} <= {"yes", "no"}
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0,
+                                  extra_body={"structured_outputs": {"regex": "[A-Z][0-9]{3}"}})
+    assert re.fullmatch("[A-Z][0-9]{3}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+
+
+def test_models_retrieve_and_type_errors_are_bad_requests(client):
+    assert client.models.retrieve("tiny:native").id == "tiny:native"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens="ten")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
+
+
+def test_min_tokens_and_continuous_usage(client):
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"min_tokens": 6, "stream_options": {
+                                                "include_usage": True, "continuous_usage_stats": True}}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert [c.usage.completion_tokens for c in text_chunks] == list(range(1, len(text_chunks) + 1))
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_continue_final_message_and_template_kwargs(tiny_ref, client):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0,
+                                       extra_body={"add_generation_prompt": False, "continue_final_message": True,
+                                                   "ignore_eos": True})
+    ids = tiny_ref.tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nThe answer",
+                                    add_special_tokens=False)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == tiny_ref.text(tiny_ref.greedy(ids, 4)[0])

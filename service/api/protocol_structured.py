@@ -1,0 +1,115 @@
+"""Structured output as the clients ask for it, turned into one StructuredOutput.
+
+OpenAI's `response_format` (text, json_object, json_schema with `strict`), vLLM's `guided_json`,
+`guided_regex`, `guided_choice`, `guided_grammar` and their newer form `structured_outputs`
+({json | regex | choice | grammar | json_object}); TGI's `grammar` ({type: json | json_schema |
+regex, value}) is in protocol_native. At most one may be given; the engine compiles it (an invalid
+schema, regex or grammar is a 400 naming the field it came in). No FastAPI here.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from model.sampling_params import StructuredOutput
+from service.api.protocol import RequestBody
+from service.engine.errors import RequestError
+
+
+class JsonSchemaSpec(RequestBody):
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestBody):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputsSpec(RequestBody):
+    """vLLM's `structured_outputs` object: exactly one of its constraints."""
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+
+
+def json_spec(schema: str | dict[str, Any], param: str, strict: bool = False) -> StructuredOutput:
+    """A JSON-schema spec from a schema object or its JSON text (RequestError naming `param` if neither)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise RequestError(f"{param}: the schema is not valid JSON: {exc}", param) from None
+    if not isinstance(schema, dict):
+        raise RequestError(f"{param}: a JSON schema must be an object", param)
+    return StructuredOutput("json", json.dumps(schema), strict=strict)
+
+
+class StructuredFields(RequestBody):
+    """The structured-output fields OpenAI's endpoints accept (mixed into both request bodies)."""
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: StructuredOutputsSpec | None = None
+
+    def structured_output(self) -> tuple[StructuredOutput | None, str | None]:
+        """(the spec, the field it came in) or (None, None); RequestError for two at once or a bad one."""
+        if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
+            raise RequestError(f"guided_decoding_backend={self.guided_decoding_backend!r} is not available: "
+                               "use 'xgrammar' or 'auto' (or omit it)", "guided_decoding_backend")
+        if self.guided_whitespace_pattern is not None:
+            raise RequestError("guided_whitespace_pattern is not supported: JSON is generated compact "
+                               "(', ' and ': '); omit it", "guided_whitespace_pattern")
+        found: list[tuple[StructuredOutput, str]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append((StructuredOutput("json_object"), "response_format"))
+        elif fmt is not None and fmt.type == "json_schema":
+            spec = fmt.json_schema
+            if spec is None or spec.schema_ is None:
+                raise RequestError("response_format: type json_schema needs json_schema.schema (a JSON schema "
+                                   "object)", "response_format.json_schema.schema")
+            found.append((json_spec(spec.schema_, "response_format.json_schema.schema", bool(spec.strict)),
+                          "response_format.json_schema.schema"))
+        if self.guided_json is not None:
+            found.append((json_spec(self.guided_json, "guided_json"), "guided_json"))
+        if self.guided_regex is not None:
+            found.append((StructuredOutput("regex", self.guided_regex), "guided_regex"))
+        if self.guided_choice is not None:
+            found.append((StructuredOutput.choice(self.guided_choice), "guided_choice"))
+        if self.guided_grammar is not None:
+            found.append((StructuredOutput("grammar", self.guided_grammar), "guided_grammar"))
+        so = self.structured_outputs
+        if so is not None:
+            given = [name for name in ("json", "regex", "choice", "grammar") if getattr(so, name if name != "json" else "json_")
+                     is not None] + (["json_object"] if so.json_object else [])
+            if len(given) != 1:
+                raise RequestError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object; "
+                                   f"got {', '.join(given) or 'none'}", "structured_outputs")
+            param = f"structured_outputs.{given[0]}"
+            if so.json_ is not None:
+                found.append((json_spec(so.json_, param), param))
+            elif so.regex is not None:
+                found.append((StructuredOutput("regex", so.regex), param))
+            elif so.choice is not None:
+                found.append((StructuredOutput.choice(so.choice), param))
+            elif so.grammar is not None:
+                found.append((StructuredOutput("grammar", so.grammar), param))
+            else:
+                found.append((StructuredOutput("json_object"), param))
+        if len(found) > 1:
+            raise RequestError(f"give one structured-output constraint, not {len(found)}: "
+                               f"{', '.join(p for _, p in found)}", found[1][1])
+        return found[0] if found else (None, None)
