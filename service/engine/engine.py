@@ -4,8 +4,10 @@ Callers on an asyncio loop use `generate()` (an async iterator of RequestOutput)
 both only hand messages to the engine thread through a locked inbox, so torch work never blocks
 the event loop. Each step: drain the inbox (new requests, aborts), expire timed-out requests,
 schedule, run the model on the flat batch, sample, then detokenize and deliver outputs back to
-each caller's loop with call_soon_threadsafe. An exception inside a step fails that step's
-requests with an error output; the loop keeps serving. Nothing here is global: several engines
+each caller's loop with call_soon_threadsafe. A failure is kept to the request it belongs to: a
+batched forward that raises is retried one request at a time, a batch whose sampling raises is
+sampled row by row, and output processing runs per request, so only the request that breaks
+ends with finish_reason "error"; the loop keeps serving. Nothing here is global: several engines
 (one per attention variant) can live in one process.
 """
 from __future__ import annotations
@@ -18,11 +20,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 import torch
+from torch import Tensor
 
 from kvcache.kv_cache import KVCache
 from kvcache.manager import KVCacheManager
 from model.sampler import Sampler
-from model.sampling_params import SamplingParams
+from model.sampling_params import SamplingParams, TokenLogprob
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from service.engine.config import EngineConfig
@@ -32,7 +35,7 @@ from service.engine.output_processor import OutputProcessor
 from service.engine.outputs import RequestOutput
 from service.engine.request import Request
 from service.engine.runner import ModelRunner
-from service.engine.scheduler import Scheduler, SchedulerOutput
+from service.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 log = logging.getLogger("kvserve.engine")
 _IDLE_WAIT_S = 0.05
@@ -226,35 +229,90 @@ class Engine:
             return
         phase = _phase(out)
         started = time.perf_counter()
-        try:
-            logits = self.runner.execute(out.scheduled)
-            sampling = [s.request for s in out.scheduled if s.samples]
-            tokens, logprobs = self.sampler.sample(
-                logits, [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
-                [r.output_token_ids for r in sampling], [r.generator for r in sampling])
-        except Exception as exc:  # fail this step's requests, keep serving
-            log.exception("step failed in engine %s", self.name)
-            for s in out.scheduled:
-                self._finish(s.request, "error", error=f"internal error during the model step: {exc}")
-            self._stats = self._snapshot()
-            return
+        scheduled, logits = self._forward(out.scheduled)
+        sampling = [s.request for s in scheduled if s.samples]
+        tokens, logprobs = self._sample(logits, sampling)
         self.observer.on_step(phase=phase, duration_s=time.perf_counter() - started,
                               num_tokens=out.num_tokens, num_seqs=len(out.scheduled))
-        for s in out.scheduled:
+        for s in scheduled:
             req = s.request
+            if req.is_finished:  # its sampling failed
+                continue
             req.num_computed_tokens += s.num_new_tokens
             self.kv_manager.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
         now = time.monotonic()
         delivered = []
         for req, token, logprob in zip(sampling, tokens, logprobs):
-            self._note_token(req, now)
-            output = self.outputs.on_token(req, token, logprob, now)
+            if token is None:
+                continue
+            try:
+                self._note_token(req, now)
+                output = self.outputs.on_token(req, token, logprob, now)
+            except Exception as exc:  # this request's text processing broke: it alone fails
+                log.exception("output processing failed for request %s in engine %s", req.request_id, self.name)
+                self._finish(req, "error", error=f"internal error while processing the output: {exc}")
+                continue
             if output.finish_reason is not None:
                 self._retire(req, output.finish_reason, now)
             delivered.append((req, output))
         self._stats = self._snapshot()  # before delivery: a caller that sees its end sees its blocks freed
         for req, output in delivered:
             self._deliver(req, output)
+
+    def _forward(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], Tensor]:
+        """The step's logits, one row per request that samples. If the batched forward fails, each
+        request is run alone (rewriting the same KV slots is harmless) and only those that fail
+        again are failed; the others go on as if nothing happened."""
+        try:
+            return scheduled, self.runner.execute(scheduled)
+        except Exception as exc:
+            if len(scheduled) == 1:
+                self._fail_step([scheduled[0]], exc)
+                return [], torch.empty(0)
+            log.exception("batched forward failed in engine %s; retrying its %d requests one by one",
+                          self.name, len(scheduled))
+        kept, rows = [], []
+        for s in scheduled:
+            try:
+                logits = self.runner.execute([s])
+            except Exception as exc:
+                self._fail_step([s], exc)
+                continue
+            kept.append(s)
+            if s.samples:
+                rows.append(logits)
+        return kept, torch.cat(rows) if rows else torch.empty(0)
+
+    def _fail_step(self, scheduled: list[ScheduledRequest], exc: Exception) -> None:
+        for s in scheduled:
+            log.error("model step failed for request %s in engine %s: %s", s.request.request_id, self.name, exc)
+            self._finish(s.request, "error", error=f"internal error during the model step: {exc}")
+
+    def _sample(self, logits: Tensor, sampling: list[Request]) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """One token per request (None where sampling failed; that request is failed). The batch is
+        sampled at once; if that raises, row by row, so one bad row fails only its request."""
+        if not sampling:
+            return [], []
+        try:
+            return self._sample_rows(logits, sampling)  # type: ignore[return-value]
+        except Exception:
+            log.exception("batched sampling failed in engine %s; sampling its %d rows one by one",
+                          self.name, len(sampling))
+        tokens: list[int | None] = []
+        logprobs: list[TokenLogprob | None] = []
+        for i, req in enumerate(sampling):
+            try:
+                (token,), (logprob,) = self._sample_rows(logits[i:i + 1], [req])
+            except Exception as exc:
+                self._finish(req, "error", error=f"internal error while sampling: {exc}")
+                token, logprob = None, None
+            tokens.append(token)
+            logprobs.append(logprob)
+        return tokens, logprobs
+
+    def _sample_rows(self, logits: Tensor, sampling: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+        return self.sampler.sample(logits, [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
+                                   [r.output_token_ids for r in sampling], [r.generator for r in sampling])
 
     def _note_admissions(self, out: SchedulerOutput, now: float) -> None:
         for _ in out.preempted:
