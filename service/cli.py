@@ -91,6 +91,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=_int_at_least(0), default=1024,
                    help="waiting requests per variant beyond which new ones get 503")
     p.add_argument("--request-timeout", type=_seconds(allow_zero=False), default=None)
+    add_limit_args(p)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /generate, "
                    "/tokenize, /detokenize")
     p.add_argument("--host", default="127.0.0.1")
@@ -99,6 +100,23 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--no-prefix-caching", action="store_true", default=False)
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """What one request may ask for (service.api.limits; the README's limits table)."""
+    from service.api.limits import CHARS_PER_TOKEN_BOUND, Limits
+    d = Limits()
+    p.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes,
+                   help="largest request body, e.g. 8MiB (413 beyond)")
+    p.add_argument("--max-prompt-chars", type=_int_at_least(1), default=None,
+                   help=f"prompt characters per request, checked before tokenizing "
+                   f"(default {CHARS_PER_TOKEN_BOUND} x max_model_len)")
+    p.add_argument("--max-messages", type=_int_at_least(1), default=d.max_messages, help="chat messages per request")
+    p.add_argument("--max-stop", type=_int_at_least(1), default=d.max_stop, help="stop strings per request")
+    p.add_argument("--max-stop-chars", type=_int_at_least(1), default=d.max_stop_chars,
+                   help="characters per stop string")
+    p.add_argument("--max-response-tokens", type=_int_at_least(1), default=d.max_response_tokens,
+                   help="per-request budget: completions x max_tokens x (1 + logprobs)")
 
 
 def env_defaults(parser: argparse.ArgumentParser, environ) -> dict:
@@ -133,6 +151,7 @@ def serve_options(args: argparse.Namespace):
     import torch
 
     from model.dtypes import auto_dtype
+    from service.api.limits import Limits
     from service.engine.config import EngineConfig
     from service.server import ServeOptions
 
@@ -143,10 +162,13 @@ def serve_options(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue=args.max_queue, request_timeout=args.request_timeout,
         enable_prefix_caching=not args.no_prefix_caching)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                    max_messages=args.max_messages, max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
+                    max_response_tokens=args.max_response_tokens)
     return ServeOptions(
         model=args.model, variants=tuple(args.variants), attention=args.attention,
         dtype=auto_dtype(args.device) if args.dtype == "auto" else args.dtype, device=args.device, engine=engine,
-        api_key=args.api_key or None, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+        limits=limits, api_key=args.api_key or None, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level)
 
 

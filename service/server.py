@@ -19,6 +19,7 @@ import torch
 import uvicorn
 
 from service.api import ServerState, create_app
+from service.api.limits import Limits
 from service.engine import Engine, EngineConfig
 from service.metrics import ServerMetrics
 
@@ -33,6 +34,7 @@ class ServeOptions:
     dtype: str = "float32"           # resolved: float32 | bfloat16
     device: str = "cpu"
     engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: Limits = field(default_factory=Limits)
     api_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -69,7 +71,8 @@ def build_state(opts: ServeOptions) -> ServerState:
             "block_size": engine.layout.block_size}, alive=_liveness(engine))
         engines[variant] = engine
         log.info(footprint_line(engine))
-    return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key)
+    return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key,
+                       limits=opts.limits)
 
 
 def _liveness(engine: Engine) -> Callable[[], bool]:

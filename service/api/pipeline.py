@@ -25,6 +25,7 @@ from model.sampling_params import SamplingParams
 from service.api.disconnect import unless_disconnected
 from service.api.errors import APIError, bad_request, unavailable
 from service.api.generation import Generation, run_to_end, submit
+from service.api.limits import shown
 from service.api.protocol import InvalidBody, parse_body
 from service.api.state import ServerState
 from service.engine import Engine, RequestError, RequestOutput
@@ -69,9 +70,14 @@ class Pipeline:
             raise unavailable("the server is shutting down and admits no new requests", "draining", "draining")
 
     async def read(self, request: Request, cls: type[Body]) -> Body:
-        """admit, then the body (capped at max_body_bytes: 413 beyond) parsed strictly into `cls`."""
+        """admit, then the body (capped at max_body_bytes: 413 beyond) parsed strictly into `cls`.
+        A body that says it is something other than JSON is refused (415), not guessed at."""
         self.admit(request)
-        limit = self.state.max_body_bytes
+        media_type = request.headers.get("content-type", "application/json").partition(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise APIError(415, f"Content-Type {shown(media_type)} is not supported: send the body as application/json",
+                           code="unsupported_media_type", reason="invalid")
+        limit = self.state.limits.max_body_bytes
         length = request.headers.get("content-length", "")
         too_large = length.isdigit() and int(length) > limit
         chunks, size = [], 0
@@ -84,7 +90,7 @@ class Pipeline:
                 elif size > _MAX_DRAIN_BYTES:
                     break
         if too_large:
-            raise APIError(413, f"request body is larger than the limit of {limit} bytes",
+            raise APIError(413, f"request body is larger than the limit of {limit:,} bytes (--max-body-bytes)",
                            code="request_too_large", reason="invalid")
         try:
             return parse_body(cls, b"".join(chunks))
@@ -119,10 +125,20 @@ class Pipeline:
             return list(prompt)
         return await self._off_loop(len(prompt), self.tokenizer.encode, prompt, add_special_tokens=add_special_tokens)
 
+    def limit_prompt(self, variant: str, texts: Sequence[Any], param: str = "prompt") -> None:
+        """400 when the prompt text of one request is longer than the limit, before any tokenizing."""
+        with self.refusals(variant):
+            self.state.limits.check_prompt_chars(texts, self.state.engines[variant].max_model_len, param)
+
     async def chat_ids(self, variant: str, messages: Sequence[Mapping[str, Any]], *, param: str = "messages",
                        add_generation_prompt: bool = True) -> list[int]:
         """The chat template rendered for `messages` and tokenized (the template writes the special
-        tokens); a template that refuses them (unknown role, empty list, ...) is a 400."""
+        tokens); a template that refuses them (unknown role, empty list, ...) is a 400, and so are
+        more messages or characters than the limits allow (checked before rendering)."""
+        with self.refusals(variant):
+            self.state.limits.check_messages(len(messages), param)
+        self.limit_prompt(variant, [m.get("content") for m in messages], param)
+
         def render() -> list[int]:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
             return self.tokenizer.encode(text, add_special_tokens=False)
@@ -138,14 +154,24 @@ class Pipeline:
 
     # ---- run ----
 
+    def check(self, job: Job) -> None:
+        """What the engine would refuse (Engine.validate), then the limits the request's
+        SamplingParams must keep together (service.api.limits): each a 400 before anything runs."""
+        with self.refusals(job.variant, job.names):
+            for prompt, params in zip(job.prompts, job.params):
+                job.engine.validate(prompt, params)
+            self.state.limits.check_params(job.params, job.engine.vocab_size)
+
     async def complete(self, request: Request, job: Job) -> tuple[list[list[RequestOutput]], str]:
         """Every output of every choice (for a JSON answer), or the APIError to answer instead;
         aborted if the client leaves first."""
+        self.check(job)
         return await run_to_end(request.receive, job.variant, job.engine, job.prompts, job.params, job.prefix,
                                 job.names)
 
     async def start(self, request: Request, job: Job) -> Generation:
         """A started Generation to stream (submission errors raised before anything is sent)."""
+        self.check(job)
         gen, _ = await unless_disconnected(
             request.receive, submit(job.variant, job.engine, job.prompts, job.params, job.prefix, job.names))
         return gen

@@ -8,9 +8,14 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from model.sampling_params import SamplingParams
+from service.api.limits import check_seed
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_openai import ChatMessage
 from service.engine.errors import RequestError
+
+# SamplingParams field -> its name in a /generate body (what errors name)
+GENERATE_NAMES = {f: f"parameters.{f}" for f in SamplingParams.__dataclass_fields__} | {
+    "max_tokens": "parameters.max_new_tokens", "logprobs": "parameters.top_n_tokens"}
 
 
 class GenerateParameters(RequestBody):
@@ -51,8 +56,8 @@ class GenerateRequest(RequestBody):
         p = self.parameters
         # TGI: greedy unless sampling is asked for (do_sample or an explicit temperature)
         temperature = p.temperature if p.temperature is not None else (1.0 if p.do_sample else 0.0)
-        names = {f: f"parameters.{f}" for f in SamplingParams.__dataclass_fields__}
-        names |= {"max_tokens": "parameters.max_new_tokens", "logprobs": "parameters.top_n_tokens"}
+        names = GENERATE_NAMES
+        check_seed(p.seed, 1, names["seed"])
         return sampling_params(
             names, max_tokens=64 if p.max_new_tokens is None else p.max_new_tokens, temperature=temperature,
             top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,

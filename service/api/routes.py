@@ -15,6 +15,7 @@ from model.sampling_params import SamplingParams
 from service.api.errors import APIError
 from service.api.pipeline import Job, Pipeline
 from service.api.protocol_native import (
+    GENERATE_NAMES,
     DetokenizeRequest,
     DetokenizeResponse,
     GenerateRequest,
@@ -79,6 +80,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         with pipe.refusals(variant):
             texts = body.prompts()
             choices = [body.to_sampling_params(c) for c in range(body.n)]
+        pipe.limit_prompt(variant, texts)
         prompts = [await pipe.encode(p) for p in texts]
         job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl")
         return await openai_answer(request, job, body.model, body.n, body.logprobs is not None, body.include_usage,
@@ -91,8 +93,10 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         names = {"prompt": "messages", "logprobs": "top_logprobs",
                  "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"}
         ids = await pipe.chat_ids(variant, body.template_messages())
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        room = pipe.state.limits.default_max_tokens(engine.max_model_len - len(ids), body.n, top)
         with pipe.refusals(variant, names):
-            params = [body.to_sampling_params(engine.max_model_len - len(ids), c) for c in range(body.n)]
+            params = [body.to_sampling_params(room, c) for c in range(body.n)]
         job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names)
         return await openai_answer(request, job, body.model, body.n, body.logprobs, body.include_usage,
                                    chat=True, stream=body.stream)
@@ -101,11 +105,11 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
     async def generate(request: Request) -> Response:
         body = await pipe.read(request, GenerateRequest)
         variant, engine = pipe.route(body.model)
-        names = {"prompt": "inputs" if body.inputs is not None else "prompt",
-                 "max_tokens": "parameters.max_new_tokens", "stop_token_ids": "parameters.stop_token_ids"}
+        names = GENERATE_NAMES | {"prompt": "inputs" if body.inputs is not None else "prompt"}
         with pipe.refusals(variant):
             prompt = body.prompt_input()
             params: SamplingParams = body.to_sampling_params()
+        pipe.limit_prompt(variant, [prompt], names["prompt"])
         ids = await pipe.encode(prompt)
         job = Job(variant, engine, [ids], [params], "gen", names)
         p = body.parameters
@@ -125,6 +129,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
             ids = await pipe.chat_ids(variant, [m.as_template_message() for m in body.messages],
                                       add_generation_prompt=body.add_generation_prompt)
         elif body.prompt is not None and body.messages is None:
+            pipe.limit_prompt(variant, [body.prompt])
             ids = await pipe.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
             raise APIError(400, "give exactly one of prompt or messages", param="prompt", reason="invalid",

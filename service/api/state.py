@@ -5,22 +5,21 @@ import time
 from dataclasses import dataclass, field
 
 from model.tokenizer import Tokenizer
+from service.api.limits import Limits, shown
 from service.engine import Engine
 from service.metrics import ServerMetrics
-
-DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 @dataclass(slots=True)
 class ServerState:
     """What the HTTP handlers share: the engines by variant (the first is the default), the tokenizer,
-    metrics, the API key and whether the server is draining."""
+    metrics, the API key, the request limits and whether the server is draining."""
     model_name: str
     engines: dict[str, Engine]
     tokenizer: Tokenizer
     metrics: ServerMetrics
     api_key: str | None = None
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    limits: Limits = field(default_factory=Limits)
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -39,5 +38,5 @@ class ServerState:
         name, sep, variant = model.rpartition(":")
         if sep and name == self.model_name and variant in self.engines:
             return variant
-        raise LookupError(f"model {model!r} does not exist; available: {', '.join(self.model_ids())} "
+        raise LookupError(f"model {shown(model)} does not exist; available: {', '.join(self.model_ids())} "
                           f"(or {self.model_name!r} for {self.model_ids()[0]!r})")

@@ -7,6 +7,7 @@ import types
 import pytest
 
 from service import cli
+from service.api.limits import Limits
 from service.engine.config import EngineConfig
 
 
@@ -42,6 +43,12 @@ OPTIONS = [
     ("--port", "0", "port", 0),
     ("--shutdown-timeout", "0", "shutdown_timeout", 0.0),
     ("--log-level", "debug", "log_level", "debug"),
+    ("--max-body-bytes", "8MiB", "max_body_bytes", 8 << 20),
+    ("--max-prompt-chars", "5000", "max_prompt_chars", 5000),
+    ("--max-messages", "10", "max_messages", 10),
+    ("--max-stop", "16", "max_stop", 16),
+    ("--max-stop-chars", "40", "max_stop_chars", 40),
+    ("--max-response-tokens", "1000", "max_response_tokens", 1000),
 ]
 
 
@@ -114,6 +121,14 @@ def test_serve_options_builds_the_engine_config():
                                        max_num_batched_tokens=64, max_queue=5, request_timeout=9.0,
                                        enable_prefix_caching=False)
     assert (opts.model, opts.dtype, opts.api_key) == ("tiny", "float32", "k")
+    assert opts.limits == Limits()
+
+
+def test_serve_options_builds_the_limits():
+    args = parse(["--max-body-bytes", "1MiB", "--max-prompt-chars", "900", "--max-messages", "3", "--max-stop", "9",
+                  "--max-stop-chars", "7", "--max-response-tokens", "500"])
+    assert cli.serve_options(args).limits == Limits(max_body_bytes=1 << 20, max_prompt_chars=900, max_messages=3,
+                                                    max_stop=9, max_stop_chars=7, max_response_tokens=500)
 
 
 def test_model_errors_found_at_start_up_are_one_line_exit_2(capsys):
