@@ -26,10 +26,12 @@ class OutputProcessor:
     def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
                     on_output: Callable[[RequestOutput], None]) -> Request:
         """A request with its own detokenizer and stop-string matcher."""
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         return Request(request_id, prompt_token_ids, params, arrival_time,
                        detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_token_ids,
                                                           skip_special_tokens=True),
-                       on_output=on_output, stop_matcher=StopStringMatcher(params.stop) if params.stop else None)
+                       on_output=on_output, stop_matcher=StopStringMatcher(params.stop) if params.stop else None,
+                       stop_token_ids=stop_ids)
 
     def on_token(self, req: Request, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         """Append one sampled token; the output says whether the request is now finished."""
@@ -37,7 +39,7 @@ class OutputProcessor:
         params = req.params
         text = ""
         reason = None
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        if token_id in req.stop_token_ids:  # a set: a long stop_token_ids list costs nothing per token
             reason = "stop"
             text = self._release(req)
         else:
