@@ -21,6 +21,7 @@ import uvicorn
 from service.api import ServerState, create_app
 from service.api.limits import Limits
 from service.engine import Engine, EngineConfig
+from service.http_timeouts import protocol_with_read_timeout
 from service.metrics import ServerMetrics
 
 log = logging.getLogger("kvserve.server")
@@ -35,6 +36,9 @@ class ServeOptions:
     device: str = "cpu"
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
+    prefix_cache_scope: str = "global"   # or "api-key"
+    read_timeout: float = 30.0           # seconds for a request's headers, and again for its body
+    keep_alive_timeout: float = 5.0      # seconds an idle kept-alive connection stays open
     api_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -72,7 +76,8 @@ def build_state(opts: ServeOptions) -> ServerState:
         engines[variant] = engine
         log.info(footprint_line(engine))
     return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key,
-                       limits=opts.limits)
+                       limits=opts.limits, prefix_cache_scope=opts.prefix_cache_scope,
+                       read_timeout=opts.read_timeout)
 
 
 def _liveness(engine: Engine) -> Callable[[], bool]:
@@ -144,7 +149,9 @@ def run(state: ServerState, opts: ServeOptions) -> int:
     for engine in state.engines.values():
         engine.start()
     config = uvicorn.Config(create_app(state), host=opts.host, port=opts.port, log_level=opts.log_level,
-                            access_log=opts.log_level == "debug", lifespan="off", timeout_graceful_shutdown=10)
+                            access_log=opts.log_level == "debug", lifespan="off", timeout_graceful_shutdown=10,
+                            http=protocol_with_read_timeout(opts.read_timeout),
+                            timeout_keep_alive=opts.keep_alive_timeout)  # type: ignore[arg-type]  # a float works
     try:
         _DrainingServer(config, state, opts.shutdown_timeout).run()
     finally:

@@ -28,6 +28,7 @@ SEED_MIN, SEED_MAX = -2**63, 2**64 - 1   # what a 64-bit generator seed takes (t
 MAX_N = 16                               # choices per request
 MAX_CHOICES = 128                        # prompts x n of one completions request
 MAX_LOGPROBS = 20                        # top logprobs per token (OpenAI's bound)
+MAX_CACHE_SALT_CHARS = 4096              # a cache_salt (a tenant id, a token) is short
 CHARS_PER_TOKEN_BOUND = 64               # the default prompt-character limit is this x max_model_len
 
 
@@ -111,6 +112,12 @@ def check_seed(seed: int | None, n: int, name: str = "seed") -> None:
     if not SEED_MIN <= seed <= SEED_MAX - (n - 1):
         extra = f" (with n={n}, seed + {n - 1} must be <= {SEED_MAX} too)" if n > 1 else ""
         raise RequestError(f"{name}={shown(seed)} is out of range: it must be in [-2**63, 2**64 - 1]{extra}", name)
+
+
+def check_cache_salt(salt: str | None, name: str = "cache_salt") -> str | None:
+    if salt is not None and not 1 <= len(salt) <= MAX_CACHE_SALT_CHARS:
+        raise RequestError(f"{name} has {len(salt):,} characters: it must have 1 to {MAX_CACHE_SALT_CHARS}", name)
+    return salt
 
 
 def check_n(n: int, name: str = "n") -> int:
@@ -208,6 +215,7 @@ def table(limits: Limits | None = None) -> list[tuple[str, str, str]]:
         ("stop", f"<= {limits.max_stop} strings of 1 to {limits.max_stop_chars} characters",
          "--max-stop, --max-stop-chars"),
         ("stop_token_ids", "each in [0, vocab_size - 1]", "fixed"),
+        ("cache_salt", f"1 to {MAX_CACHE_SALT_CHARS:,} characters", "fixed"),
     ]
     for field, rule in FIELDS.items():
         if field == "max_tokens":

@@ -11,6 +11,7 @@ No FastAPI here (Starlette's Request only).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from model.sampling_params import SamplingParams
 from service.api.disconnect import unless_disconnected
@@ -32,9 +34,12 @@ from service.engine import Engine, RequestError, RequestOutput
 
 Body = TypeVar("Body", bound=BaseModel)
 _MAX_DRAIN_BYTES = 64 << 20  # read past an oversized body up to this, so the client sees the 413
-# Text shorter than this is tokenized on the event loop (microseconds); longer text, and every chat
-# rendering, goes to a small thread pool so one big request never stalls /health or other streams.
+# Text shorter than this is tokenized on the event loop (microseconds); longer text, every chat
+# rendering, bodies past INLINE_BODY_BYTES (parsing 3 MB of JSON takes ~0.5 s) and answers of more
+# than INLINE_CHARS tokens (rendering 4M token ids as JSON takes ~0.6 s) go to a small thread pool,
+# so one big request never stalls /health or other streams.
 INLINE_CHARS = 4096
+INLINE_BODY_BYTES = 64 << 10
 TOKENIZER_THREADS = 2
 
 
@@ -47,6 +52,7 @@ class Job:
     params: list[SamplingParams]
     prefix: str                                      # request id prefix: cmpl, chatcmpl, gen
     names: Mapping[str, str] = field(default_factory=dict)  # engine field -> the endpoint's name for it
+    cache_salt: bytes | None = None                  # prefix-cache tenant (Pipeline.cache_salt)
 
 
 class Pipeline:
@@ -57,12 +63,18 @@ class Pipeline:
 
     # ---- admit, read, route ----
 
+    @staticmethod
+    def _bearer(request: Request) -> str | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+
     def admit(self, request: Request) -> None:
-        """API key (constant-time compare), then refuse while draining."""
-        key = self.state.api_key
-        if key is not None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+        """API key (constant-time compare against every key), then refuse while draining."""
+        keys = self.state.api_keys
+        if keys:
+            token = (self._bearer(request) or "").encode()
+            matches = [secrets.compare_digest(token, key.encode()) for key in keys]  # no early exit
+            if not any(matches):
                 raise APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
                                "authentication_error", code="invalid_api_key", reason="unauthorized",
                                headers={"WWW-Authenticate": "Bearer"})
@@ -81,21 +93,38 @@ class Pipeline:
         length = request.headers.get("content-length", "")
         too_large = length.isdigit() and int(length) > limit
         chunks, size = [], 0
+        deadline = self.state.read_timeout
         if not too_large or int(length) <= _MAX_DRAIN_BYTES:
-            async for chunk in request.stream():
-                size += len(chunk)
-                too_large = too_large or size > limit
-                if not too_large:
-                    chunks.append(chunk)
-                elif size > _MAX_DRAIN_BYTES:
-                    break
+            try:
+                async with asyncio.timeout(deadline):  # a half-sent body must not hold its connection
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        too_large = too_large or size > limit
+                        if not too_large:
+                            chunks.append(chunk)
+                        elif size > _MAX_DRAIN_BYTES:
+                            break
+            except TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {deadline:g}s (--read-timeout)",
+                               code="request_timeout", reason="invalid", headers={"Connection": "close"}) from None
         if too_large:
             raise APIError(413, f"request body is larger than the limit of {limit:,} bytes (--max-body-bytes)",
                            code="request_too_large", reason="invalid")
+        raw = b"".join(chunks)
         try:
-            return parse_body(cls, b"".join(chunks))
+            return await self._off_loop(len(raw) < INLINE_BODY_BYTES, parse_body, cls, raw)
         except InvalidBody as exc:
             raise APIError(exc.status, str(exc), param=exc.param, reason="invalid") from None
+
+    def cache_salt(self, request: Request, salt: str | None) -> bytes | None:
+        """The request's prefix-cache tenant: its `cache_salt`, and with --prefix-cache-scope
+        api-key the API key it was admitted with (hashed), so tenants never share cached blocks."""
+        parts = []
+        if self.state.prefix_cache_scope == "api-key":
+            parts.append(b"key:" + hashlib.sha256((self._bearer(request) or "").encode()).digest())
+        if salt is not None:
+            parts.append(b"salt:" + salt.encode("utf-8", "surrogatepass"))
+        return b"\0".join(parts) if parts else None
 
     def route(self, model: str | None) -> tuple[str, Engine]:
         try:
@@ -114,8 +143,8 @@ class Pipeline:
 
     # ---- text -> token ids (off the event loop when large) ----
 
-    async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if size < INLINE_CHARS:
+    async def _off_loop(self, inline: bool, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if inline:
             return fn(*args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
@@ -123,7 +152,8 @@ class Pipeline:
         """Token ids of a text prompt (or the ids themselves; the engine checks their range)."""
         if not isinstance(prompt, str):
             return list(prompt)
-        return await self._off_loop(len(prompt), self.tokenizer.encode, prompt, add_special_tokens=add_special_tokens)
+        return await self._off_loop(len(prompt) < INLINE_CHARS, self.tokenizer.encode, prompt,
+                                    add_special_tokens=add_special_tokens)
 
     def limit_prompt(self, variant: str, texts: Sequence[Any], param: str = "prompt") -> None:
         """400 when the prompt text of one request is longer than the limit, before any tokenizing."""
@@ -139,18 +169,22 @@ class Pipeline:
             self.state.limits.check_messages(len(messages), param)
         self.limit_prompt(variant, [m.get("content") for m in messages], param)
 
-        def render() -> list[int]:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-            return self.tokenizer.encode(text, add_special_tokens=False)
+        def render() -> list[int]:  # message content is data: only the template's markers are control tokens
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
 
         try:
-            return await self._off_loop(INLINE_CHARS, render)
+            return await self._off_loop(False, render)
         except ValueError as exc:  # ChatTemplateError, or no template at all
             raise APIError(400, f"{param}: the chat template refused them: {exc}", param=param, reason="invalid",
                            variant=variant) from None
 
     async def decode(self, ids: Sequence[int]) -> str:
-        return await self._off_loop(len(ids), self.tokenizer.decode, ids, skip_special_tokens=False)
+        return await self._off_loop(len(ids) < INLINE_CHARS, self.tokenizer.decode, ids, skip_special_tokens=False)
+
+    async def json(self, size: int, render: Callable[[], Any]) -> JSONResponse:
+        """A JSON answer of what `render()` returns (a dict); built off the event loop when it holds
+        `size` >= INLINE_CHARS tokens, so one large answer never stalls the others."""
+        return await self._off_loop(size < INLINE_CHARS, lambda: JSONResponse(render()))
 
     # ---- run ----
 
@@ -167,11 +201,12 @@ class Pipeline:
         aborted if the client leaves first."""
         self.check(job)
         return await run_to_end(request.receive, job.variant, job.engine, job.prompts, job.params, job.prefix,
-                                job.names)
+                                job.names, job.cache_salt)
 
     async def start(self, request: Request, job: Job) -> Generation:
         """A started Generation to stream (submission errors raised before anything is sent)."""
         self.check(job)
         gen, _ = await unless_disconnected(
-            request.receive, submit(job.variant, job.engine, job.prompts, job.params, job.prefix, job.names))
+            request.receive, submit(job.variant, job.engine, job.prompts, job.params, job.prefix, job.names,
+                                    job.cache_salt))
         return gen

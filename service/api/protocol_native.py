@@ -5,10 +5,10 @@
 """
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from model.sampling_params import SamplingParams
-from service.api.limits import check_seed
+from service.api.limits import check_cache_salt, check_seed
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_openai import ChatMessage
 from service.engine.errors import RequestError
@@ -44,6 +44,12 @@ class GenerateRequest(RequestBody):
     parameters: GenerateParameters = GenerateParameters()
     stream: bool = False
     model: str | None = None
+    cache_salt: str | None = None  # as in the OpenAI routes: prefix-cache blocks shared only under equal salts
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _salt_size(cls, v):
+        return check_cache_salt(v)
 
     def prompt_input(self) -> str | list[int]:
         if self.inputs is not None and self.prompt is None:

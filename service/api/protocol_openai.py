@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, field_validator, model_serializer
 
 from model.sampling_params import SamplingParams
-from service.api.limits import MAX_CHOICES, MAX_N, check_choices, check_seed
+from service.api.limits import MAX_CHOICES, MAX_N, check_cache_salt, check_choices, check_seed
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs
 from service.engine.errors import RequestError
@@ -53,6 +53,12 @@ class _SamplingFields(RequestBody):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    cache_salt: str | None = None       # vLLM's: requests share prefix-cache blocks only under equal salts
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _salt_size(cls, v):
+        return check_cache_salt(v)
 
     @field_validator("n")
     @classmethod

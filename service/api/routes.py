@@ -47,7 +47,9 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         if not stream:
             outputs, rid = await pipe.complete(request, job)
             whole = answer(rid)
-            return JSONResponse((whole.chat if chat else whole.completion)(outputs).model_dump())
+            size = sum(len(out.new_token_ids) * (1 + len(out.logprobs[0].top) if out.logprobs else 1)
+                       for outs in outputs for out in outs)
+            return await pipe.json(size, lambda: (whole.chat if chat else whole.completion)(outputs).model_dump())
         gen = await pipe.start(request, job)
         parts = answer(gen.request_id)
         events = (parts.chat_stream if chat else parts.completion_stream)(gen.events(), len(job.prompts))
@@ -82,7 +84,8 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
             choices = [body.to_sampling_params(c) for c in range(body.n)]
         pipe.limit_prompt(variant, texts)
         prompts = [await pipe.encode(p) for p in texts]
-        job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl")
+        job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl",
+                  cache_salt=pipe.cache_salt(request, body.cache_salt))
         return await openai_answer(request, job, body.model, body.n, body.logprobs is not None, body.include_usage,
                                    chat=False, stream=body.stream)
 
@@ -97,7 +100,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         room = pipe.state.limits.default_max_tokens(engine.max_model_len - len(ids), body.n, top)
         with pipe.refusals(variant, names):
             params = [body.to_sampling_params(room, c) for c in range(body.n)]
-        job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names)
+        job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names, pipe.cache_salt(request, body.cache_salt))
         return await openai_answer(request, job, body.model, body.n, body.logprobs, body.include_usage,
                                    chat=True, stream=body.stream)
 
@@ -111,13 +114,14 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
             params: SamplingParams = body.to_sampling_params()
         pipe.limit_prompt(variant, [prompt], names["prompt"])
         ids = await pipe.encode(prompt)
-        job = Job(variant, engine, [ids], [params], "gen", names)
+        job = Job(variant, engine, [ids], [params], "gen", names, pipe.cache_salt(request, body.cache_salt))
         p = body.parameters
         prefix = (prompt if isinstance(prompt, str) else await pipe.decode(ids)) if p.return_full_text else ""
         answer = GenerateAnswer(prefix=prefix, details=p.details, seed=p.seed, token_strings=token_strings)
         if not body.stream:
             outputs, _ = await pipe.complete(request, job)
-            return JSONResponse(answer.response(outputs[0]).model_dump(exclude_none=True))
+            size = sum(len(out.new_token_ids) for out in outputs[0]) * (1 + (params.logprobs or 0))
+            return await pipe.json(size, lambda: answer.response(outputs[0]).model_dump(exclude_none=True))
         gen = await pipe.start(request, job)
         return EventStream(answer.stream(gen.events()), gen.close)
 
@@ -134,8 +138,9 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         else:
             raise APIError(400, "give exactly one of prompt or messages", param="prompt", reason="invalid",
                            variant=variant)
-        return JSONResponse(TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
-                            .model_dump())
+        # model_construct: validating millions of ids would hold the GIL for as long as tokenizing took
+        return await pipe.json(len(ids), lambda: vars(TokenizeResponse.model_construct(
+            tokens=ids, count=len(ids), max_model_len=engine.max_model_len)))
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
@@ -145,4 +150,5 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         if bad is not None:
             raise APIError(400, f"tokens: token id {bad} is out of range [0, {engine.vocab_size - 1}]",
                            param="tokens", reason="invalid", variant=variant)
-        return JSONResponse(DetokenizeResponse(prompt=await pipe.decode(body.tokens)).model_dump())
+        text = await pipe.decode(body.tokens)
+        return await pipe.json(len(body.tokens), lambda: DetokenizeResponse(prompt=text).model_dump())

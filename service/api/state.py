@@ -20,8 +20,17 @@ class ServerState:
     metrics: ServerMetrics
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
+    prefix_cache_scope: str = "global"   # "api-key": each API key its own prefix-cache tenant
+    read_timeout: float = 30.0           # seconds a request's body may take to arrive (408 beyond)
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys: `api_key` holds one, or several separated by commas."""
+        if self.api_key is None:
+            return ()
+        return tuple(k.strip() for k in self.api_key.split(",") if k.strip())
 
     @property
     def default_variant(self) -> str:

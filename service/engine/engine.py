@@ -77,7 +77,6 @@ class Engine:
         self._wake = threading.Event()
         self._inbox: deque[Request | str] = deque()  # a new request, or the id of one to abort
         self._live: dict[str, Request] = {}    # submitted, not finished (guarded by _lock)
-        self._queued: set[str] = set()         # submitted, never admitted: what --max-queue bounds
         self._requests: dict[str, Request] = {}  # the engine thread's own view
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -121,12 +120,12 @@ class Engine:
         prompt_len = len(prompt_token_ids)
         if prompt_len == 0:
             raise RequestError("prompt is empty: it must have at least 1 token", "prompt")
+        if prompt_len >= limit:  # before the per-token check: a huge prompt costs nothing to refuse
+            raise ContextLengthError(f"prompt has {prompt_len} tokens; max_model_len is {limit}, so at most "
+                               f"{limit - 1} prompt tokens fit", "prompt")
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad} is out of range [0, {vocab - 1}]", "prompt")
-        if prompt_len >= limit:
-            raise ContextLengthError(f"prompt has {prompt_len} tokens; max_model_len is {limit}, so at most "
-                               f"{limit - 1} prompt tokens fit", "prompt")
         if prompt_len + params.max_tokens > limit:
             raise ContextLengthError(f"max_tokens={params.max_tokens} is too large: with a {prompt_len}-token prompt "
                                f"it must be in [1, {limit - prompt_len}] (max_model_len {limit})", "max_tokens")
@@ -140,8 +139,10 @@ class Engine:
             self._inbox.append(request_id)
         self._wake.set()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
+                       cache_salt: bytes | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come. `cache_salt`: its prefix-cache tenant (blocks are
+        shared only between requests of equal salt; None is the shared default)."""
         self.validate(prompt_token_ids, params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -150,6 +151,7 @@ class Engine:
             loop.call_soon_threadsafe(queue.put_nowait, out)
 
         req = self.outputs.new_request(request_id, list(prompt_token_ids), params, time.monotonic(), on_output)
+        req.cache_salt = cache_salt
         if params.seed is not None:
             req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         with self._lock:
@@ -157,11 +159,12 @@ class Engine:
                 raise EngineDeadError(f"engine {self.name!r} is not running")
             if request_id in self._live:
                 raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
-            if len(self._queued) >= self.config.max_queue:
-                raise QueueFullError(f"engine {self.name!r} has {len(self._queued)} waiting requests "
-                                     f"(max_queue={self.config.max_queue})")
+            # max_queue counts the requests beyond those that can run at once: 0 means no waiting
+            if len(self._live) >= self.config.max_num_seqs + self.config.max_queue:
+                raise QueueFullError(f"engine {self.name!r} has {len(self._live)} requests in flight: "
+                                     f"{self.config.max_num_seqs} run at once (max_num_seqs) and "
+                                     f"{self.config.max_queue} may wait (max_queue)")
             self._live[request_id] = req
-            self._queued.add(request_id)
             self._inbox.append(req)
         self._wake.set()
         finished = False
@@ -239,7 +242,7 @@ class Engine:
             if req.is_finished:  # its sampling failed
                 continue
             req.num_computed_tokens += s.num_new_tokens
-            self.kv_manager.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            self.kv_manager.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens, req.cache_salt)
         now = time.monotonic()
         delivered = []
         for req, token, logprob in zip(sampling, tokens, logprobs):
@@ -317,11 +320,6 @@ class Engine:
     def _note_admissions(self, out: SchedulerOutput, now: float) -> None:
         for _ in out.preempted:
             self.observer.on_preemption()
-        if not out.admitted:
-            return
-        with self._lock:
-            for req in out.admitted:
-                self._queued.discard(req.request_id)
         for req in out.admitted:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
@@ -348,7 +346,6 @@ class Engine:
         self._requests.pop(req.request_id, None)
         with self._lock:
             self._live.pop(req.request_id, None)
-            self._queued.discard(req.request_id)
         self.observer.on_request_finished(finish_reason=reason, prompt_tokens=req.num_prompt_tokens,
                                           generation_tokens=req.num_output_tokens, e2e_s=now - req.arrival_time)
 

@@ -37,6 +37,7 @@ class Request:
     stop_matcher: StopStringMatcher | None = None
     stop_token_ids: frozenset[int] = frozenset()  # stop_token_ids, and EOS unless ignore_eos
     generator: torch.Generator | None = None    # seeded sampling; used only on the engine thread
+    cache_salt: bytes | None = None              # prefix-cache tenant: blocks are shared only under equal salts
     all_token_ids: list[int] = field(default_factory=list)  # prompt then outputs; filled in __post_init__
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

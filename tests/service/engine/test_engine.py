@@ -276,11 +276,29 @@ def test_max_model_len_beyond_the_kv_capacity_is_refused_at_start(tiny):
         make_engine(model, tok, kv_cache_memory=1 << 16, max_model_len=4096)
 
 
-def test_queue_bound_refuses_beyond_max_queue(tiny):
+@pytest.mark.parametrize("max_num_seqs,max_queue", [(1, 0), (2, 0), (2, 3)])
+def test_max_queue_counts_only_what_must_wait(tiny, max_num_seqs, max_queue):
+    # a burst: max_num_seqs requests can run at once, max_queue more may wait, the rest are refused
     model, tok = tiny
-    engine = make_engine(model, tok, max_queue=0)
-    with pytest.raises(QueueFullError):
-        run_all(engine, [([5, 6], SamplingParams(max_tokens=2))])
+    engine = make_engine(model, tok, max_num_seqs=max_num_seqs, max_queue=max_queue)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+    async def burst():
+        gens = [engine.generate([5, 6, i], params, f"r{i}") for i in range(max_num_seqs + max_queue + 2)]
+        results = await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
+        for gen in gens:
+            await gen.aclose()
+        return results
+
+    results = asyncio.run(burst())
+    served = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, QueueFullError)]
+    assert (len(served), len(refused)) == (max_num_seqs + max_queue, 2)
+    assert f"{max_num_seqs} run at once" in str(refused[0]) and f"{max_queue} may wait" in str(refused[0])
+    deadline = time.monotonic() + 30
+    while engine.num_unfinished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tokens_of(run_all(engine, [([5, 6], params)])[0]) == reference_greedy(model, [5, 6], 3)  # served again
     engine.shutdown()
 
 
