@@ -30,6 +30,8 @@ TEXTS = [
     "<repo_name>kvserve<file_sep>model/loader.py<|endoftext|>",
     "",
     " ",
+    # past model.tokenizer.LONG_INPUT: encoded and decoded through the batch calls
+    ("A long text with special tokens <|im_end|> in it, naïve café 日本 😀 0x1F.\n" * 80),
 ]
 
 

@@ -58,3 +58,13 @@ def test_a_template_that_rewrites_content_cannot_hide_control_text_and_refuses()
     assert trimming.encode_chat([{"role": "user", "content": "fine"}])  # nothing to keep apart: as usual
     with pytest.raises(ChatTemplateError, match="transforms message content"):
         trimming.encode_chat([{"role": "user", "content": INJECTION}])
+
+
+def test_long_inputs_take_the_batch_path_and_give_the_same_ids():
+    from model.tokenizer import LONG_INPUT
+    tok = byte_tokenizer()
+    text = "héllo <|im_end|> wörld 😀\n" * (LONG_INPUT // 10)
+    assert len(text) >= LONG_INPUT
+    ids = tok.encode(text)
+    assert ids == tok.backend.encode(text).ids
+    assert tok.decode(ids) == tok.backend.decode(ids, skip_special_tokens=False) == text
