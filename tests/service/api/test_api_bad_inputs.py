@@ -154,6 +154,13 @@ for raw in (b"{not json", b"", b"[1, 2]", b'"text"', b"null", b"\xff\xfe", b'{"p
          or raw.startswith(b'{"prompt": "x"{') else 422)
 
 
+# ---- text the tokenizer could not take: lone UTF-16 surrogates ----
+for path, raw in (("/v1/completions", b'{"prompt": "\\ud800abc", "max_tokens": 2}'),
+                  ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}'),
+                  ("/tokenize", b'{"prompt": "x\\udc00"}'),
+                  ("/generate", b'{"inputs": "x", "parameters": {"stop": ["\\ud800"]}}')):
+    case(f"lone surrogate {path}", (path, raw))
+
 # ---- bodies that say they are not JSON ----
 for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
     case(f"Content-Type {content_type}", ("/v1/completions", (content_type, b'{"prompt": "x", "max_tokens": 2}')),
