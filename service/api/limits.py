@@ -217,11 +217,12 @@ def table(limits: Limits | None = None) -> list[tuple[str, str, str]]:
         ("stop_token_ids", "each in [0, vocab_size - 1]", "fixed"),
         ("cache_salt", f"1 to {MAX_CACHE_SALT_CHARS:,} characters", "fixed"),
     ]
+    shown_as = {"logprobs": "logprobs / top_logprobs (chat) / top_n_tokens (/generate)"}
     for field, rule in FIELDS.items():
         if field == "max_tokens":
             continue
         allowed = rule.describe("vocab_size" if field == "top_k" else None)
         if field == "seed":
             allowed = "in [-2**63, 2**64 - 1], and seed + n - 1 too"
-        rows.append((field, allowed + ("" if field == "seed" else ", finite" if not rule.integer else ""), "fixed"))
+        rows.append((shown_as.get(field, field), allowed + ("" if rule.integer else ", finite"), "fixed"))
     return rows
