@@ -22,6 +22,18 @@ BlockHash = bytes  # a 32-byte SHA-256 digest
 ROOT_HASH: BlockHash = hashlib.sha256(b"kvserve/prefix-cache/root").digest()
 
 
+def salted_root(salt: bytes | None) -> BlockHash | None:
+    """The parent of a sequence's first block under `salt` (None: the shared ROOT_HASH).
+
+    A salt (a tenant's cache_salt, a hash of its API key) is mixed into the first block's key and
+    so, through the chain, into every key after it: two requests share blocks only when their
+    salts are equal, so one tenant's prefixes never hit, or reveal themselves, for another.
+    """
+    if salt is None:
+        return None
+    return hashlib.sha256(ROOT_HASH + b"/salt/" + salt).digest()
+
+
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
     """Key of one full block: chained from `parent` (None for the first block of a sequence)."""
     digest = hashlib.sha256(ROOT_HASH if parent is None else parent)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from kvcache.block_hash import BlockHash, iter_block_hashes
+from kvcache.block_hash import BlockHash, iter_block_hashes, salted_root
 from kvcache.block_pool import NULL_BLOCK_ID, Block, BlockPool
 
 
@@ -73,8 +73,9 @@ class KVCacheManager:
 
     # --- prefix cache -------------------------------------------------------------------------
 
-    def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
+    def get_computed_blocks(self, token_ids: Sequence[int], salt: bytes | None = None) -> tuple[list[int], int]:
         """The longest run of cached full blocks that prefixes token_ids, and the tokens they hold.
+        Only blocks cached under the same `salt` (see `cache_blocks`) can hit.
 
         Capped so at least one token is left to compute (its logits are needed to sample): a full
         hit on a 32-token prompt with blocks of 16 returns one block, 16 tokens. Pure lookup; the
@@ -84,7 +85,7 @@ class KVCacheManager:
             return [], 0
         max_blocks = max(0, (len(token_ids) - 1) // self.block_size)
         hits: list[int] = []
-        for block_hash in iter_block_hashes(token_ids, self.block_size, end_block=max_blocks):
+        for block_hash in iter_block_hashes(token_ids, self.block_size, parent=salted_root(salt), end_block=max_blocks):
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
@@ -160,12 +161,14 @@ class KVCacheManager:
 
     # --- after a step -------------------------------------------------------------------------
 
-    def cache_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+    def cache_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed_tokens: int,
+                     salt: bytes | None = None) -> None:
         """Record that the K/V of seq_id's first num_computed_tokens of token_ids are written.
 
         Fills the blocks' token counts (what `stats` reports as stored) and, with prefix caching
-        on, registers every newly full block under its chained hash. If an identical block is
-        already registered, that entry is kept and this sequence keeps its own (unhashed) block.
+        on, registers every newly full block under its chained hash, salted with `salt` (pass the
+        same salt every time, and to `get_computed_blocks`). If an identical block is already
+        registered, that entry is kept and this sequence keeps its own (unhashed) block.
         """
         seq = self._seqs.get(seq_id)
         if seq is None:
@@ -183,7 +186,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         first = len(seq.block_hashes)
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        parent = seq.block_hashes[-1] if seq.block_hashes else salted_root(salt)
         new_hashes = iter_block_hashes(token_ids, bs, parent=parent, start_block=first,
                                        end_block=num_computed_tokens // bs)
         for i, block_hash in enumerate(new_hashes, start=first):

@@ -8,11 +8,15 @@ Jinja2 in an immutable sandbox (templates ship with checkpoints: untrusted code)
 `eos_token`, `unk_token`, `pad_token`). Message keys whose value is None are dropped first, as
 transformers does, so `content=None` never renders as the text "None".
 
+`render_with_content_spans` also says where each message's content lies in the text, so the
+tokenizer can keep content as data (model.tokenizer.HFTokenizer.encode_chat).
+
 Not here: tokenizing the result (the Tokenizer does that, without adding special tokens again).
 """
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -110,3 +114,37 @@ def render_chat_template(source: str, messages, *, add_generation_prompt: bool =
         raise ChatTemplateError(f"chat template failed to render: {exc}") from None
     except Exception as exc:  # a template is a program: any error in it is the template's error
         raise ChatTemplateError(f"chat template failed to render: {type(exc).__name__}: {exc}") from None
+
+
+# Private-use characters around a message's index: what a template renders in place of the content.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+def render_with_content_spans(source: str, messages, **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
+    """The text `render_chat_template` gives, and the (start, end) character span of every string
+    message content in it: everything outside the spans is the template's own text.
+
+    Renders once more with each content replaced by a marker, then puts the contents back where
+    the markers landed; if that does not give the true text (a template that trims, tests or
+    rewrites content), the spans cannot be trusted and ChatTemplateError says so.
+    """
+    text = render_chat_template(source, messages, **kwargs)
+    plain = normalize_messages(messages)
+    contents = [m.get("content") for m in plain]
+    marked = [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} if isinstance(m.get("content"), str) else m
+              for i, m in enumerate(plain)]
+    skeleton = render_chat_template(source, marked, **kwargs)
+    rebuilt: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for k, piece in enumerate(_MARK.split(skeleton)):
+        if k % 2:
+            piece = str(contents[int(piece)])  # only string contents were marked
+            spans.append((pos, pos + len(piece)))
+        rebuilt.append(piece)
+        pos += len(piece)
+    if "".join(rebuilt) != text:
+        raise ChatTemplateError("this chat template transforms message content, so content that spells a control "
+                                "token cannot be kept as plain text; remove the control token from the message")
+    return text, spans

@@ -214,9 +214,18 @@ def _thresholds_from_candidates(logits: Tensor, top_k: Tensor, top_p: Tensor, k:
     return torch.where(use_p, torch.maximum(kth, cut), kth), short
 
 
+def finite_(logits: Tensor) -> Tensor:
+    """In place: NaN -> -inf (never chosen) and +inf -> the largest finite value, so a softmax
+    stays a distribution. Penalties and temperature can overflow a row (a repetition_penalty of
+    1e-44 divides logits past float32's range) and a broken model can emit NaN; each row is
+    repaired from its own values only. A row left with nothing finite fails when it samples."""
+    return torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
+
+
 def processed_logits(logits: Tensor, params: Sequence[SamplingParams],
                      prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]]) -> Tensor:
-    """(S, V) raw logits -> (S, V) float32 logits after every processor; filtered tokens are -inf.
+    """(S, V) raw logits -> (S, V) float32 logits after every processor; filtered tokens are -inf,
+    and no value is NaN or +inf (see `finite_`).
 
     Greedy rows get the penalties only (temperature and the filters never change an argmax).
     """
@@ -227,12 +236,14 @@ def processed_logits(logits: Tensor, params: Sequence[SamplingParams],
     x = logits.to(torch.float32, copy=penalized or not every_row)
     if penalized:
         apply_penalties(x, params, prompt_ids, output_ids)
+    if penalized or not every_row:  # x is a copy here; otherwise x / temperature below is
+        finite_(x)
     if not rows:
         return x
     temperature = torch.tensor([params[i].temperature for i in rows], device=x.device).unsqueeze(1)  # (R, 1)
     if every_row:  # no gather / scatter of rows
-        return apply_filters(x / temperature, params)
-    x[rows] = apply_filters(x[rows] / temperature, [params[i] for i in rows])
+        return apply_filters(finite_(x / temperature), params)
+    x[rows] = apply_filters(finite_(x[rows] / temperature), [params[i] for i in rows])
     return x
 
 
@@ -316,9 +327,15 @@ class Sampler:
             apply_token_masks(logits, masks)
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not want_logprobs and all(is_greedy(p) and not _has_penalties(p) for p in params):
-            return logits.argmax(dim=-1).tolist(), [None] * S  # fast path: no softmax at all
+            best = logits.argmax(dim=-1)                     # fast path: no softmax at all ...
+            if not bool(logits.gather(1, best.unsqueeze(1)).isnan().any()):
+                return best.tolist(), [None] * S
+            # ... unless a row holds NaN (argmax picks it): the full path repairs or refuses that row
 
         x = processed_logits(logits, params, prompt_ids, output_ids)
+        empty = (x.amax(dim=-1) == float("-inf")).nonzero().squeeze(1).tolist()
+        if empty:
+            raise ValueError(f"row(s) {empty}: no token has a finite logit (the model's logits were NaN)")
         tokens = torch.empty(S, dtype=torch.long, device=x.device)                          # (S,)
         greedy = [i for i, p in enumerate(params) if is_greedy(p)]
         rows = [i for i, p in enumerate(params) if not is_greedy(p)]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from model.chat_template import render_chat_template
+from model.chat_template import render_chat_template, render_with_content_spans
 
 # Token texts llama.cpp also treats as end of generation when a vocabulary has them as control
 # tokens (its "EOG" set): a base model ends a document with these, a chat model a turn.
@@ -51,6 +51,26 @@ class Tokenizer(Protocol):
     def token_bytes(self, ids: Iterable[int]) -> list[bytes]: ...
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                             **variables: Any) -> str: ...
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, **variables: Any) -> list[int]: ...
+
+
+# Inputs at least this long go through the tokenizers library's batch entry points: those release
+# the GIL while they work, the single-input ones were measured holding it for the whole call inside
+# the server (6 s for 4 MiB of text), stalling its event loop although the call ran on another thread.
+LONG_INPUT = 4096
+
+
+def _encode(backend: BackendTokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    if len(text) < LONG_INPUT:
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+    return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+
+def _cut_after(text: str, final: str) -> str:
+    """`text` up to the end of the last occurrence of `final` (all of it when `final` is empty)."""
+    end = text.rfind(final) if final else -1
+    return text[:end + len(final)] if end >= 0 else text
 
 
 @lru_cache(maxsize=1)
@@ -89,7 +109,7 @@ class HFTokenizer:
     """
 
     __slots__ = ("backend", "_special_tokens", "_chat_template", "_eos_token_ids", "_special_ids",
-                 "_byte_level", "_added")
+                 "_byte_level", "_added", "_special_text", "_data_backend")
 
     def __init__(self, backend: BackendTokenizer, *, special_tokens: Mapping[str, str],
                  chat_template: str | None = None, extra_eos_token_ids: Iterable[int] = ()):
@@ -111,6 +131,9 @@ class HFTokenizer:
         eog = {token_id for token_id in self._special_ids if self._added[token_id] in END_OF_GENERATION_TEXTS}
         self._eos_token_ids = frozenset({self.eos_token_id, *extra_eos_token_ids, *eog})
         self._byte_level = _is_byte_level(backend)
+        specials = sorted((self._added[i] for i in self._special_ids), key=len, reverse=True)
+        self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._data_backend: BackendTokenizer | None = None  # a copy that reads control tokens as text
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -156,10 +179,13 @@ class HFTokenizer:
     # -- text <-> ids --------------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds what the checkpoint adds (e.g. a BOS)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return _encode(self.backend, text, add_special_tokens)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if len(ids) < LONG_INPUT:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]  # see _encode
 
     def token_bytes(self, ids: Iterable[int]) -> list[bytes]:
         """The raw bytes each token stands for (OpenAI logprobs' `bytes` field)."""
@@ -202,6 +228,56 @@ class HFTokenizer:
             raise ValueError("this tokenizer has no chat template; send a plain prompt instead")
         return render_chat_template(self._chat_template, messages, add_generation_prompt=add_generation_prompt,
                                     special_tokens=self._special_tokens, **variables)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, **variables: Any) -> list[int]:
+        """Token ids of the chat prompt for `messages`, with message content kept as data: only the
+        template's own markers become control tokens. A user who writes `<|im_end|>` in a message
+        gets the tokens of that text, never the control token (which would let them forge a turn).
+
+        When no content spells a control token (the usual case) this is exactly
+        `encode(apply_chat_template(...), add_special_tokens=False)`, as transformers tokenizes it.
+        Otherwise the control tokens are found in the rendered text as usual, those inside a
+        message's content are dropped from the split, and the text between the remaining ones is
+        encoded with control-token parsing off, so the tokens around a content boundary merge
+        exactly as they would in the plain case.
+
+        `continue_final_message`: the text ends right after the last message's content (no end of
+        turn), so the model continues that message.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **variables)
+        contents = [m.get("content") for m in messages if isinstance(m, Mapping)]
+        final = str(contents[-1] or "") if continue_final_message and contents else ""
+        if self._special_text is None or not any(isinstance(c, str) and self._special_text.search(c) for c in contents):
+            return self.encode(_cut_after(text, final), add_special_tokens=False)
+        text, spans = render_with_content_spans(self._chat_template or "", messages,
+                                                add_generation_prompt=add_generation_prompt,
+                                                special_tokens=self._special_tokens, **variables)
+        text = _cut_after(text, final)
+        markers = [(start, end, token_id) for token_id, (start, end) in
+                   zip(*self._ids_and_offsets(text)) if token_id in self._special_ids
+                   and not any(start < b and a < end for a, b in spans)]
+        data = self._data()
+        ids: list[int] = []
+        done = 0
+        for start, end, token_id in markers:
+            ids += _encode(data, text[done:start], False)
+            ids.append(token_id)
+            done = end
+        return ids + _encode(data, text[done:], False)
+
+    def _ids_and_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = self.backend.encode_batch([text], add_special_tokens=False)[0]
+        return encoding.ids, encoding.offsets
+
+    def _data(self) -> BackendTokenizer:
+        """The backend's twin that encodes control-token text as plain text (a copy, so the shared
+        backend's setting never changes under a concurrent encode)."""
+        if self._data_backend is None:
+            twin = BackendTokenizer.from_str(self.backend.to_str())
+            twin.encode_special_tokens = True
+            self._data_backend = twin
+        return self._data_backend
 
 
 def bos_eos_post_processor(bos: str | None, bos_id: int | None, eos: str | None = None,

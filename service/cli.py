@@ -98,9 +98,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=1024)
     p.add_argument("--max-queue", type=_int_at_least(0), default=1024,
                    help="waiting requests per variant beyond which new ones get 503")
-    p.add_argument("--request-timeout", type=_seconds(allow_zero=False), default=None)
+    p.add_argument("--request-timeout", type=_seconds(allow_zero=False), default=None,
+                   help="seconds from arrival to the end of a request (finish_reason timeout; 503 before its first token)")
+    p.add_argument("--read-timeout", type=_seconds(allow_zero=False), default=30.0,
+                   help="seconds a client gets to send a request's headers, and again its body (408 beyond)")
+    p.add_argument("--keep-alive-timeout", type=_seconds(allow_zero=False), default=5.0,
+                   help="seconds an idle kept-alive connection stays open")
+    add_limit_args(p)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /generate, "
-                   "/tokenize, /detokenize")
+                   "/tokenize, /detokenize; several keys separated by commas. Prefer KVSERVE_API_KEY: a command "
+                   "line is visible to every user of the machine (ps)")
+    p.add_argument("--prefix-cache-scope", choices=("global", "api-key"), default="global",
+                   help="api-key: requests share prefix-cache blocks only with requests of the same API key")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="0 picks a free port (logged)")
     p.add_argument("--shutdown-timeout", type=_seconds(allow_zero=True), default=30.0,
@@ -123,6 +132,23 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_int_at_least(1, 1024), default=None,
                    help="torch threads for the whole process, split evenly between the variants' engines; "
                    "default: OMP_NUM_THREADS if set, else the CPUs this process may use (affinity and cgroup quota)")
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """What one request may ask for (service.api.limits; the README's limits table)."""
+    from service.api.limits import CHARS_PER_TOKEN_BOUND, Limits
+    d = Limits()
+    p.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes,
+                   help="largest request body, e.g. 8MiB (413 beyond)")
+    p.add_argument("--max-prompt-chars", type=_int_at_least(1), default=None,
+                   help=f"prompt characters per request, checked before tokenizing "
+                   f"(default {CHARS_PER_TOKEN_BOUND} x max_model_len)")
+    p.add_argument("--max-messages", type=_int_at_least(1), default=d.max_messages, help="chat messages per request")
+    p.add_argument("--max-stop", type=_int_at_least(1), default=d.max_stop, help="stop strings per request")
+    p.add_argument("--max-stop-chars", type=_int_at_least(1), default=d.max_stop_chars,
+                   help="characters per stop string")
+    p.add_argument("--max-response-tokens", type=_int_at_least(1), default=d.max_response_tokens,
+                   help="per-request budget: completions x max_tokens x (1 + logprobs)")
 
 
 def env_defaults(parser: argparse.ArgumentParser, environ) -> dict:
@@ -157,6 +183,7 @@ def serve_options(args: argparse.Namespace):
     import torch
 
     from model.dtypes import auto_dtype
+    from service.api.limits import Limits
     from service.engine.config import EngineConfig
     from service.server import ServeOptions
 
@@ -167,9 +194,19 @@ def serve_options(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue=args.max_queue, request_timeout=args.request_timeout,
         enable_prefix_caching=not args.no_prefix_caching)
+    if args.api_key and not any(k.strip() for k in args.api_key.split(",")):
+        raise ValueError(f"--api-key {args.api_key!r} holds no key")
+    if args.prefix_cache_scope == "api-key" and not args.api_key:
+        raise ValueError("--prefix-cache-scope api-key needs --api-key (or KVSERVE_API_KEY): without keys there is "
+                         "one tenant")
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                    max_messages=args.max_messages, max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
+                    max_response_tokens=args.max_response_tokens)
     return ServeOptions(
         model=args.model, variants=tuple(args.variants), attention=args.attention,
         dtype=auto_dtype(args.device) if args.dtype == "auto" else args.dtype, device=args.device, engine=engine,
+        limits=limits, prefix_cache_scope=args.prefix_cache_scope,
+        read_timeout=args.read_timeout, keep_alive_timeout=args.keep_alive_timeout,
         api_key=args.api_key or None, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level, threads=args.threads, log_stats_interval=args.log_stats_interval,
         served_model_name=args.served_model_name, chat_template=args.chat_template,

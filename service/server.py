@@ -21,7 +21,9 @@ import torch
 import uvicorn
 
 from service.api import ServerState, create_app
+from service.api.limits import Limits
 from service.engine import Engine, EngineConfig
+from service.http_timeouts import protocol_with_read_timeout
 from service.metrics import ServerMetrics
 from service.stats_log import StatsLogger
 from service.threads import ThreadPlan, plan_threads
@@ -37,6 +39,10 @@ class ServeOptions:
     dtype: str = "float32"           # resolved: float32 | bfloat16
     device: str = "cpu"
     engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: Limits = field(default_factory=Limits)
+    prefix_cache_scope: str = "global"   # or "api-key"
+    read_timeout: float = 30.0           # seconds for a request's headers, and again for its body
+    keep_alive_timeout: float = 5.0      # seconds an idle kept-alive connection stays open
     api_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -99,7 +105,8 @@ def build_state(opts: ServeOptions) -> ServerState:
         engines[variant] = engine
         log.info(footprint_line(engine))
     return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key,
-                       allowed_origins=opts.allowed_origins, reject_unknown_fields=opts.reject_unknown_fields)
+                       allowed_origins=opts.allowed_origins, reject_unknown_fields=opts.reject_unknown_fields,
+                       limits=opts.limits, prefix_cache_scope=opts.prefix_cache_scope, read_timeout=opts.read_timeout)
 
 
 def _liveness(engine: Engine) -> Callable[[], bool]:
@@ -184,7 +191,9 @@ def run(state: ServerState, opts: ServeOptions) -> int:
     # log_config=None: uvicorn's loggers propagate to the root handler kvserve configured (one format);
     # the access line comes from service.api.middleware, with the request id and token counts
     config = uvicorn.Config(create_app(state), host=opts.host, port=opts.port, log_level=opts.log_level,
-                            log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=10)
+                            log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=10,
+                            http=protocol_with_read_timeout(opts.read_timeout),
+                            timeout_keep_alive=opts.keep_alive_timeout)  # type: ignore[arg-type]  # a float works
     stats = StatsLogger(state.engines, state.metrics, opts.log_stats_interval)
     stats.start()
     try:

@@ -6,6 +6,7 @@ No FastAPI here.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from service.engine import ContextLengthError, RequestError, RequestOutput
@@ -22,10 +23,11 @@ class APIError(Exception):
         self.reason, self.variant, self.headers = reason, variant, headers
 
 
-def unavailable(message: str, code: str, reason: str | None, variant: str | None = None) -> APIError:
+def unavailable(message: str, code: str, reason: str | None, variant: str | None = None,
+                retry_after_s: float = 1.0) -> APIError:
     """503 with Retry-After: the server cannot take the request now, but may soon."""
     return APIError(503, message, "service_unavailable_error", code=code, reason=reason, variant=variant,
-                    headers={"Retry-After": "1"})
+                    headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
 
 def bad_request(exc: RequestError, variant: str, names: Mapping[str, str]) -> APIError:
@@ -43,5 +45,7 @@ def failed(outputs: list[RequestOutput]) -> APIError | None:
         if out.finish_reason == "error":
             return APIError(500, out.error or "internal error during generation", "internal_error", code="engine_error")
         if out.finish_reason == "timeout" and out.completion_tokens == 0:
-            return unavailable(out.error or "request timed out before its first token", "timeout", None)
+            # it waited this long without a token: retrying sooner only lengthens the queue it waited in
+            return unavailable(out.error or "request timed out before its first token", "timeout", None,
+                               retry_after_s=out.time - out.arrival_time)
     return None

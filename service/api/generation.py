@@ -30,13 +30,14 @@ class Generation:
     """The engine requests behind one HTTP request (n choices x prompts), merged into one stream of
     (choice index, output). `start()` raises submission errors before anything is answered."""
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], params: list[SamplingParams], request_id: str):
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: list[SamplingParams], request_id: str,
+                 cache_salt: bytes | None = None):
         self.engine = engine
         self.request_id = request_id
         self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._record = current_record.get()  # the HTTP request's access-log record, if any
-        self._pumps = [asyncio.ensure_future(self._pump(i, engine.generate(p, sp, rid)))
+        self._pumps = [asyncio.ensure_future(self._pump(i, engine.generate(p, sp, rid, cache_salt=cache_salt)))
                        for i, (p, sp, rid) in enumerate(zip(prompts, params, self.ids))]
         self._ready: list[tuple[int, RequestOutput]] = []
         self.finished = [False] * len(prompts)
@@ -84,10 +85,10 @@ class Generation:
 
 
 async def submit(variant: str, engine: Engine, prompts: list[list[int]], params: list[SamplingParams], prefix: str,
-                 names: Mapping[str, str]) -> tuple[Generation, list[RequestOutput]]:
+                 names: Mapping[str, str], cache_salt: bytes | None = None) -> tuple[Generation, list[RequestOutput]]:
     """A started Generation and every choice's first output, or the APIError to answer instead.
     The engine validates each request (`names`: the endpoint's names for the engine's fields)."""
-    gen = Generation(engine, prompts, params, new_request_id(prefix))
+    gen = Generation(engine, prompts, params, new_request_id(prefix), cache_salt)
     try:
         firsts = await gen.start()
     except QueueFullError as exc:
@@ -107,12 +108,12 @@ async def submit(variant: str, engine: Engine, prompts: list[list[int]], params:
 
 
 async def run_to_end(receive: Receive, variant: str, engine: Engine, prompts: list[list[int]],
-                     params: list[SamplingParams], prefix: str,
-                     names: Mapping[str, str]) -> tuple[list[list[RequestOutput]], str]:
+                     params: list[SamplingParams], prefix: str, names: Mapping[str, str],
+                     cache_salt: bytes | None = None) -> tuple[list[list[RequestOutput]], str]:
     """Non-streaming: every output of every choice, or an error; aborted if the client leaves
     (`receive`: the request's ASGI receive channel)."""
     async def collect() -> tuple[list[list[RequestOutput]], str]:
-        gen, _ = await submit(variant, engine, prompts, params, prefix, names)
+        gen, _ = await submit(variant, engine, prompts, params, prefix, names, cache_salt)
         outputs: list[list[RequestOutput]] = [[] for _ in prompts]
         async for index, out in gen.events():
             outputs[index].append(out)

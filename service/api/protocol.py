@@ -5,8 +5,9 @@ protocol_native (`/generate`, `/tokenize`, `/detokenize`) and protocol_logprobs 
 OpenAI's two shapes). Requests parse strictly (a string is not an int); every malformed body is a
 400, as OpenAI and vLLM answer (the openai client raises BadRequestError). Unknown fields are kept
 aside (`unknown_fields`): the pipeline logs them once per request, as vLLM does, or refuses them
-under --reject-unknown-fields. Range checks live in SamplingParams: its ValueError becomes a
-RequestError naming the field as the client spelled it. No FastAPI here.
+under --reject-unknown-fields. Range checks come from the one table in service.api.limits,
+applied in `sampling_params` before a SamplingParams exists; a RequestError names the field as the
+client spelled it. No FastAPI here.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import re
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from model.sampling_params import SamplingParams
+from service.api.limits import check_fields
 from service.engine.errors import RequestError
 
 
@@ -72,7 +74,9 @@ def _field_path(loc: tuple) -> str:
 
 
 def sampling_params(names: dict[str, str] | None = None, **kwargs) -> SamplingParams:
-    """SamplingParams, its range errors as RequestError naming the field as the API spells it."""
+    """SamplingParams once every field is within service.api.limits' table; RequestError naming the
+    field as the API spells it (`names`: engine field -> API name) otherwise."""
+    check_fields(kwargs, names)
     try:
         return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
     except ValueError as exc:

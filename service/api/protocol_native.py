@@ -13,15 +13,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from model.sampling_params import SamplingParams, StructuredOutput
+from service.api.limits import check_cache_salt, check_seed
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_openai import ChatMessage
 from service.api.protocol_structured import json_spec
 from service.engine.errors import RequestError
 
 DEFAULT_MAX_NEW_TOKENS = 100  # as TGI
+
+# SamplingParams field -> its name in a /generate body (what errors name)
+GENERATE_NAMES = {f: f"parameters.{f}" for f in SamplingParams.__dataclass_fields__} | {
+    "max_tokens": "parameters.max_new_tokens", "logprobs": "parameters.top_n_tokens"}
 
 
 class Grammar(RequestBody):
@@ -90,14 +95,20 @@ class GenerateRequest(RequestBody):
     parameters: GenerateParameters = GenerateParameters()
     stream: bool = False
     model: str | None = None
+    cache_salt: str | None = None  # as in the OpenAI routes: prefix-cache blocks shared only under equal salts
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _salt_size(cls, v):
+        return check_cache_salt(v)
 
     def to_sampling_params(self) -> SamplingParams:
         p = self.parameters
         p.refusals()
         sampling = p.do_sample or p.temperature is not None or p.top_k is not None or p.top_p is not None
         temperature = (1.0 if p.temperature is None else p.temperature) if sampling else 0.0
-        names = {f: f"parameters.{f}" for f in SamplingParams.__dataclass_fields__}
-        names |= {"max_tokens": "parameters.max_new_tokens", "logprobs": "parameters.top_n_tokens"}
+        names = GENERATE_NAMES
+        check_seed(p.seed, 1, names["seed"])
         return sampling_params(
             names, max_tokens=DEFAULT_MAX_NEW_TOKENS if p.max_new_tokens is None else p.max_new_tokens,
             temperature=temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,

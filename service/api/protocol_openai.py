@@ -10,13 +10,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, field_validator, model_serializer
 
 from model.sampling_params import SamplingParams
+from service.api.limits import MAX_CHOICES, MAX_N, check_cache_salt, check_choices, check_seed
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs
 from service.api.protocol_structured import StructuredFields
 from service.engine.errors import RequestError
 
-MAX_N = 16          # choices per request
-MAX_CHOICES = 128   # prompts x n of one completions request
+__all__ = ["MAX_CHOICES", "MAX_N"]  # the limits, where the bodies that obey them live
 
 
 def _stop_tuple(value) -> tuple[str, ...] | None:
@@ -56,6 +56,12 @@ class _SamplingFields(StructuredFields):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    cache_salt: str | None = None       # vLLM's: requests share prefix-cache blocks only under equal salts
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _salt_size(cls, v):
+        return check_cache_salt(v)
 
     @field_validator("n")
     @classmethod
@@ -78,6 +84,7 @@ class _SamplingFields(StructuredFields):
         return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
     def _params(self, max_tokens: int, logprobs: int | None, names: dict[str, str], seed_offset: int) -> SamplingParams:
+        check_seed(self.seed, self.n)
         structured, _ = self.structured_output()
         return sampling_params(
             names, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -122,9 +129,7 @@ class CompletionRequest(_SamplingFields):
         """Each prompt as text or token ids (RequestError past MAX_CHOICES engine requests)."""
         v = self.prompt
         prompts = [v] if isinstance(v, str) or isinstance(v[0], int) else list(v)
-        if len(prompts) * self.n > MAX_CHOICES:
-            raise RequestError(f"{len(prompts)} prompts x n={self.n} is {len(prompts) * self.n} completions; "
-                               f"at most {MAX_CHOICES} per request", "prompt")
+        check_choices(len(prompts), self.n)
         return prompts
 
     def to_sampling_params(self, choice: int = 0) -> SamplingParams:

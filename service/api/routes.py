@@ -7,6 +7,7 @@ Text Generation Inference's `/generate`, `/generate_stream` and `POST /`; `/toke
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -16,6 +17,7 @@ from model.sampling_params import SamplingParams
 from service.api.errors import APIError
 from service.api.pipeline import Job, Pipeline
 from service.api.protocol_native import (
+    GENERATE_NAMES,
     DetokenizeRequest,
     DetokenizeResponse,
     GenerateRequest,
@@ -54,7 +56,9 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         if not stream:
             outputs, rid = await pipe.complete(request, job)
             whole = answer(rid)
-            return JSONResponse((whole.chat if chat else whole.completion)(outputs).model_dump())
+            size = sum(len(out.new_token_ids) * (1 + len(out.logprobs[0].top) if out.logprobs else 1)
+                       for outs in outputs for out in outs)
+            return await pipe.json(size, lambda: (whole.chat if chat else whole.completion)(outputs).model_dump())
         gen = await pipe.start(request, job)
         parts = answer(gen.request_id)
         events = (parts.chat_stream if chat else parts.completion_stream)(gen.events(), len(job.prompts))
@@ -95,8 +99,10 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
             texts = body.prompts()
             choices = [body.to_sampling_params(c) for c in range(body.n)]
             names = structured_names(body)
+        pipe.limit_prompt(variant, texts)
         prompts = [await pipe.encode(p) for p in texts]
-        job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl", names)
+        job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl", names,
+                  pipe.cache_salt(request, body.cache_salt))
         return await openai_answer(request, job, body.model, body.n, body.logprobs is not None, body.include_usage,
                                    chat=False, stream=body.stream, continuous_usage=body.continuous_usage)
 
@@ -112,9 +118,11 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
             names |= structured_names(body)
         ids = await pipe.chat_ids(variant, body.template_messages(), add_generation_prompt=body.add_generation_prompt,
                                   continue_final_message=body.continue_final_message, variables=variables)
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        room = pipe.state.limits.default_max_tokens(engine.max_model_len - len(ids), body.n, top)
         with pipe.refusals(variant, names):
-            params = [body.to_sampling_params(engine.max_model_len - len(ids), c) for c in range(body.n)]
-        job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names)
+            params = [body.to_sampling_params(room, c) for c in range(body.n)]
+        job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names, pipe.cache_salt(request, body.cache_salt))
         return await openai_answer(request, job, body.model, body.n, body.logprobs, body.include_usage,
                                    chat=True, stream=body.stream, continuous_usage=body.continuous_usage)
 
@@ -123,23 +131,26 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         body = await pipe.read(request, GenerateRequest)
         variant, engine = pipe.route(body.model)
         p = body.parameters
-        names = {"prompt": "inputs", "structured_output": "parameters.grammar.value"}
-        names |= {f: f"parameters.{f}" for f in ("stop_token_ids", "min_tokens", "temperature", "top_p", "top_k")}
-        names |= {"max_tokens": "parameters.max_new_tokens", "logprobs": "parameters.top_n_tokens"}
+        names = GENERATE_NAMES | {"prompt": "inputs", "structured_output": "parameters.grammar.value"}
         with pipe.refusals(variant, names):
             params: SamplingParams = body.to_sampling_params()
+        pipe.limit_prompt(variant, [body.inputs], "inputs")
         ids = await pipe.encode(body.inputs)
         if p.truncate is not None and len(ids) > p.truncate:
             ids = ids[-p.truncate:]  # TGI: keep the last `truncate` tokens
-        job = Job(variant, engine, [ids], [params], "gen", names)
+        job = Job(variant, engine, [ids], [params], "gen", names, pipe.cache_salt(request, body.cache_salt))
         answer = GenerateAnswer(prefix=body.inputs if p.return_full_text else "", details=p.details, seed=p.seed,
                                 top_n=p.top_n_tokens or 0, input_length=len(ids), token_strings=token_strings,
                                 special_ids=tokenizer.special_token_ids,
                                 eos_ids=tokenizer.eos_token_ids | frozenset(params.stop_token_ids))
         if not (body.stream if stream is None else stream):
             outputs, _ = await pipe.complete(request, job)
-            result = answer.response(outputs[0]).model_dump(exclude_none=True)
-            return JSONResponse([result] if as_list else result)
+            size = sum(len(out.new_token_ids) for out in outputs[0]) * (1 + (params.logprobs or 0))
+
+            def render() -> Any:
+                result = answer.response(outputs[0]).model_dump(exclude_none=True)
+                return [result] if as_list else result
+            return await pipe.json(size, render)
         gen = await pipe.start(request, job)
         return EventStream(answer.stream(gen.events()), gen.close)
 
@@ -164,12 +175,14 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
             ids = await pipe.chat_ids(variant, [m.as_template_message() for m in body.messages],
                                       add_generation_prompt=body.add_generation_prompt)
         elif body.prompt is not None and body.messages is None:
+            pipe.limit_prompt(variant, [body.prompt])
             ids = await pipe.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
             raise APIError(400, "give exactly one of prompt or messages", param="prompt", reason="invalid",
                            variant=variant)
-        return JSONResponse(TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len)
-                            .model_dump())
+        # model_construct: validating millions of ids would hold the GIL for as long as tokenizing took
+        return await pipe.json(len(ids), lambda: vars(TokenizeResponse.model_construct(
+            tokens=ids, count=len(ids), max_model_len=engine.max_model_len)))
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
@@ -179,4 +192,5 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         if bad is not None:
             raise APIError(400, f"tokens: token id {bad} is out of range [0, {engine.vocab_size - 1}]",
                            param="tokens", reason="invalid", variant=variant)
-        return JSONResponse(DetokenizeResponse(prompt=await pipe.decode(body.tokens)).model_dump())
+        text = await pipe.decode(body.tokens)
+        return await pipe.json(len(body.tokens), lambda: DetokenizeResponse(prompt=text).model_dump())

@@ -6,22 +6,23 @@ import time
 from dataclasses import dataclass, field
 
 from model.tokenizer import Tokenizer
+from service.api.limits import Limits, shown
 from service.engine import Engine
 from service.metrics import ServerMetrics
-
-DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 @dataclass(slots=True)
 class ServerState:
     """What the HTTP handlers share: the engines by variant (the first is the default), the tokenizer,
-    metrics, the API key and whether the server is draining."""
+    metrics, the API key, the request limits and whether the server is draining."""
     model_name: str
     engines: dict[str, Engine]
     tokenizer: Tokenizer
     metrics: ServerMetrics
     api_key: str | None = None
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    limits: Limits = field(default_factory=Limits)
+    prefix_cache_scope: str = "global"   # "api-key": each API key its own prefix-cache tenant
+    read_timeout: float = 30.0           # seconds a request's body may take to arrive (408 beyond)
     draining: bool = False
     reject_unknown_fields: bool = False   # unknown body fields: 400 instead of a log line
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*" = any); none = off
@@ -33,6 +34,13 @@ class ServerState:
         their dtype change (outputs may then differ for the same seed)."""
         config = "|".join([self.model_name, *(f"{v}:{e.model.dtype}" for v, e in self.engines.items())])
         return "fp_" + hashlib.sha256(config.encode()).hexdigest()[:12]
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys: `api_key` holds one, or several separated by commas."""
+        if self.api_key is None:
+            return ()
+        return tuple(k.strip() for k in self.api_key.split(",") if k.strip())
 
     @property
     def default_variant(self) -> str:
@@ -49,5 +57,5 @@ class ServerState:
         name, sep, variant = model.rpartition(":")
         if sep and name == self.model_name and variant in self.engines:
             return variant
-        raise LookupError(f"model {model!r} does not exist; available: {', '.join(self.model_ids())} "
+        raise LookupError(f"model {shown(model)} does not exist; available: {', '.join(self.model_ids())} "
                           f"(or {self.model_name!r} for {self.model_ids()[0]!r})")

@@ -11,7 +11,7 @@ class EngineConfig:
     max_model_len: int | None = None      # None: min(model context, KV capacity in tokens)
     max_num_seqs: int = 64                # running batch cap
     max_num_batched_tokens: int = 1024    # per-step token budget (chunked prefill)
-    max_queue: int = 1024                 # waiting requests beyond this are refused
+    max_queue: int = 1024                 # requests that may wait beyond the max_num_seqs that run; 0: none
     request_timeout: float | None = None  # seconds from arrival; None = no limit
     enable_prefix_caching: bool = True
     num_threads: int | None = None        # the engine thread's torch intra-op threads; None: torch's default

@@ -7,8 +7,10 @@ schedule, run the model on the flat batch, sample (rows with a grammar or a min_
 their token masks; other rows pay nothing for them), then detokenize and deliver outputs back to
 each caller's loop with call_soon_threadsafe. A structured-output request's grammar is compiled
 before it is queued, on the grammar compiler's own threads (service.engine.structured_output).
-An exception inside a step fails that step's requests with an error output; the loop keeps serving.
-Nothing here is global: several engines (one per attention variant) can live in one process.
+A failure is kept to the request it belongs to: a batched forward that raises is retried one
+request at a time, a batch whose sampling raises is sampled row by row, and output processing runs
+per request, so only the request that breaks ends with finish_reason "error"; the loop keeps
+serving. Nothing here is global: several engines (one per attention variant) can live in one process.
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 import torch
+from torch import Tensor
 
 from kvcache.kv_cache import KVCache
 from kvcache.manager import KVCacheManager
 from model.sampler import Sampler, TokenMasks
-from model.sampling_params import SamplingParams
+from model.sampling_params import SamplingParams, TokenLogprob
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from service.engine.config import EngineConfig
@@ -34,7 +37,7 @@ from service.engine.output_processor import OutputProcessor
 from service.engine.outputs import RequestOutput
 from service.engine.request import Request
 from service.engine.runner import ModelRunner
-from service.engine.scheduler import Scheduler, SchedulerOutput
+from service.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from service.engine.structured_output import GrammarCompiler
 
 log = logging.getLogger("kvserve.engine")
@@ -78,7 +81,6 @@ class Engine:
         self._wake = threading.Event()
         self._inbox: deque[Request | str] = deque()  # a new request, or the id of one to abort
         self._live: dict[str, Request] = {}    # submitted, not finished (guarded by _lock)
-        self._queued: set[str] = set()         # submitted, never admitted: what --max-queue bounds
         self._requests: dict[str, Request] = {}  # the engine thread's own view
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -123,12 +125,12 @@ class Engine:
         prompt_len = len(prompt_token_ids)
         if prompt_len == 0:
             raise RequestError("prompt is empty: it must have at least 1 token", "prompt")
+        if prompt_len >= limit:  # before the per-token check: a huge prompt costs nothing to refuse
+            raise ContextLengthError(f"prompt has {prompt_len} tokens; max_model_len is {limit}, so at most "
+                               f"{limit - 1} prompt tokens fit", "prompt")
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad} is out of range [0, {vocab - 1}]", "prompt")
-        if prompt_len >= limit:
-            raise ContextLengthError(f"prompt has {prompt_len} tokens; max_model_len is {limit}, so at most "
-                               f"{limit - 1} prompt tokens fit", "prompt")
         if prompt_len + params.max_tokens > limit:
             raise ContextLengthError(f"max_tokens={params.max_tokens} is too large: with a {prompt_len}-token prompt "
                                f"it must be in [1, {limit - prompt_len}] (max_model_len {limit})", "max_tokens")
@@ -142,8 +144,10 @@ class Engine:
             self._inbox.append(request_id)
         self._wake.set()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
+                       cache_salt: bytes | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come. `cache_salt`: its prefix-cache tenant (blocks are
+        shared only between requests of equal salt; None is the shared default)."""
         self.validate(prompt_token_ids, params)
         # compiled (or found in the cache) off this loop and off the engine thread; RequestError if invalid
         grammar = None if params.structured_output is None else await self.grammars.matcher(params.structured_output)
@@ -154,6 +158,7 @@ class Engine:
             loop.call_soon_threadsafe(queue.put_nowait, out)
 
         req = self.outputs.new_request(request_id, list(prompt_token_ids), params, time.monotonic(), on_output)
+        req.cache_salt = cache_salt
         if params.seed is not None:
             req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         req.grammar = grammar
@@ -162,11 +167,12 @@ class Engine:
                 raise EngineDeadError(f"engine {self.name!r} is not running")
             if request_id in self._live:
                 raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
-            if len(self._queued) >= self.config.max_queue:
-                raise QueueFullError(f"engine {self.name!r} has {len(self._queued)} waiting requests "
-                                     f"(max_queue={self.config.max_queue})")
+            # max_queue counts the requests beyond those that can run at once: 0 means no waiting
+            if len(self._live) >= self.config.max_num_seqs + self.config.max_queue:
+                raise QueueFullError(f"engine {self.name!r} has {len(self._live)} requests in flight: "
+                                     f"{self.config.max_num_seqs} run at once (max_num_seqs) and "
+                                     f"{self.config.max_queue} may wait (max_queue)")
             self._live[request_id] = req
-            self._queued.add(request_id)
             self._inbox.append(req)
         self._wake.set()
         finished = False
@@ -239,31 +245,31 @@ class Engine:
             return
         phase = _phase(out)
         started = time.perf_counter()
-        try:
-            logits = self.runner.execute(out.scheduled)
-            sampling = [s.request for s in out.scheduled if s.samples]
-            tokens, logprobs = self.sampler.sample(
-                logits, [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
-                [r.output_token_ids for r in sampling], [r.generator for r in sampling], self._token_masks(sampling))
-        except Exception as exc:  # fail this step's requests, keep serving
-            log.exception("step failed in engine %s", self.name)
-            for s in out.scheduled:
-                self._finish(s.request, "error", error=f"internal error during the model step: {exc}")
-            self._stats = self._snapshot()
-            return
+        scheduled, logits = self._forward(out.scheduled)
+        sampling = [s.request for s in scheduled if s.samples]
+        tokens, logprobs = self._sample(logits, sampling)
         self.observer.on_step(phase=phase, duration_s=time.perf_counter() - started,
                               num_tokens=out.num_tokens, num_seqs=len(out.scheduled))
-        for s in out.scheduled:
+        for s in scheduled:
             req = s.request
+            if req.is_finished:  # its sampling failed
+                continue
             req.num_computed_tokens += s.num_new_tokens
-            self.kv_manager.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            self.kv_manager.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens, req.cache_salt)
         now = time.monotonic()
         delivered = []
         prefilled = sum(r.num_prompt_tokens for r in sampling if r.first_token_time is None)
         self.observer.on_tokens(prompt_tokens=prefilled, generation_tokens=len(sampling))
         for req, token, logprob in zip(sampling, tokens, logprobs):
-            self._note_token(req, now)
-            output = self.outputs.on_token(req, token, logprob, now)
+            if token is None:
+                continue
+            try:
+                self._note_token(req, now)
+                output = self.outputs.on_token(req, token, logprob, now)
+            except Exception as exc:  # this request's text processing broke: it alone fails
+                log.exception("output processing failed for request %s in engine %s", req.request_id, self.name)
+                self._finish(req, "error", error=f"internal error while processing the output: {exc}")
+                continue
             if output.finish_reason is not None:
                 self._retire(req, output.finish_reason, now)
             delivered.append((req, output))
@@ -271,10 +277,66 @@ class Engine:
         for req, output in delivered:
             self._deliver(req, output)
 
+    def _forward(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], Tensor]:
+        """The step's logits, one row per request that samples. If the batched forward fails, each
+        request is run alone (rewriting the same KV slots is harmless) and only those that fail
+        again are failed; the others go on as if nothing happened."""
+        try:
+            return scheduled, self.runner.execute(scheduled)
+        except Exception as exc:
+            if len(scheduled) == 1:
+                self._fail_step([scheduled[0]], exc)
+                return [], torch.empty(0)
+            log.exception("batched forward failed in engine %s; retrying its %d requests one by one",
+                          self.name, len(scheduled))
+        kept, rows = [], []
+        for s in scheduled:
+            try:
+                logits = self.runner.execute([s])
+            except Exception as exc:
+                self._fail_step([s], exc)
+                continue
+            kept.append(s)
+            if s.samples:
+                rows.append(logits)
+        return kept, torch.cat(rows) if rows else torch.empty(0)
+
+    def _fail_step(self, scheduled: list[ScheduledRequest], exc: Exception) -> None:
+        for s in scheduled:
+            log.error("model step failed for request %s in engine %s: %s", s.request.request_id, self.name, exc)
+            self._finish(s.request, "error", error=f"internal error during the model step: {exc}")
+
+    def _sample(self, logits: Tensor, sampling: list[Request]) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """One token per request (None where sampling failed; that request is failed). The batch is
+        sampled at once; if that raises, row by row, so one bad row fails only its request."""
+        if not sampling:
+            return [], []
+        try:
+            return self._sample_rows(logits, sampling)  # type: ignore[return-value]
+        except Exception:
+            log.exception("batched sampling failed in engine %s; sampling its %d rows one by one",
+                          self.name, len(sampling))
+        tokens: list[int | None] = []
+        logprobs: list[TokenLogprob | None] = []
+        for i, req in enumerate(sampling):
+            try:
+                (token,), (logprob,) = self._sample_rows(logits[i:i + 1], [req])
+            except Exception as exc:
+                self._finish(req, "error", error=f"internal error while sampling: {exc}")
+                token, logprob = None, None
+            tokens.append(token)
+            logprobs.append(logprob)
+        return tokens, logprobs
+
+    def _sample_rows(self, logits: Tensor, sampling: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+        return self.sampler.sample(logits, [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
+                                   [r.output_token_ids for r in sampling], [r.generator for r in sampling],
+                                   self._token_masks(sampling))
+
     def _token_masks(self, sampling: list[Request]) -> TokenMasks | None:
         """This step's masks: each grammar's allowed tokens, and stop tokens banned before min_tokens."""
         rows = [j for j, r in enumerate(sampling) if r.grammar is not None]
-        banned = {j: self.outputs.stop_token_ids(r.params) for j, r in enumerate(sampling)
+        banned = {j: sorted(r.stop_token_ids) for j, r in enumerate(sampling)
                   if r.num_output_tokens < r.params.min_tokens}
         if not rows and not banned:
             return None
@@ -288,11 +350,6 @@ class Engine:
     def _note_admissions(self, out: SchedulerOutput, now: float) -> None:
         for _ in out.preempted:
             self.observer.on_preemption()
-        if not out.admitted:
-            return
-        with self._lock:
-            for req in out.admitted:
-                self._queued.discard(req.request_id)
         for req in out.admitted:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
@@ -320,7 +377,6 @@ class Engine:
         self._requests.pop(req.request_id, None)
         with self._lock:
             self._live.pop(req.request_id, None)
-            self._queued.discard(req.request_id)
         self.observer.on_request_finished(finish_reason=reason, prompt_tokens=req.num_prompt_tokens,
                                           generation_tokens=req.num_output_tokens, e2e_s=now - req.arrival_time)
 

@@ -70,9 +70,8 @@ class LLM:
     def chat(self, conversations: Sequence[Sequence[Mapping[str, Any]]],
              params: SamplingParams | Sequence[SamplingParams] = GREEDY) -> list[Completion]:
         """The assistant's reply to each conversation (a list of {"role", "content"} messages)."""
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, add_generation_prompt=True),
-                                         add_special_tokens=False)  # the template wrote the specials
-                   for c in conversations]
+        # the template writes the control tokens; message content stays text
+        prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, params)
 
     async def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:

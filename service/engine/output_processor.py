@@ -31,10 +31,12 @@ class OutputProcessor:
     def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
                     on_output: Callable[[RequestOutput], None]) -> Request:
         """A request with its own detokenizer and stop-string matcher."""
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         return Request(request_id, prompt_token_ids, params, arrival_time,
                        detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_token_ids,
                                                           skip_special_tokens=True),
-                       on_output=on_output, stop_matcher=StopStringMatcher(params.stop) if params.stop else None)
+                       on_output=on_output, stop_matcher=StopStringMatcher(params.stop) if params.stop else None,
+                       stop_token_ids=stop_ids)
 
     def on_token(self, req: Request, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         """Append one sampled token; the output says whether the request is now finished."""
@@ -49,7 +51,7 @@ class OutputProcessor:
                 return self.output(req, [token_id], self._release(req), "error", now, lps,
                                    error=f"internal error: the grammar refused token {token_id} that its mask allowed")
             grammar_ended = req.grammar.is_terminated()
-        if grammar_ended or token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        if grammar_ended or token_id in req.stop_token_ids:  # a set: stop_token_ids, and EOS unless ignore_eos
             reason = "stop"
             text = self._release(req)
         else:
@@ -62,13 +64,6 @@ class OutputProcessor:
                 reason = "length"
                 text += self._release(req)
         return self.output(req, [token_id], text, reason, now, lps)
-
-    def stop_token_ids(self, params: SamplingParams) -> list[int]:
-        """The tokens that would end a request now: what the sampler bans before min_tokens."""
-        ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            ids |= self.eos_token_ids
-        return sorted(ids)
 
     def _release(self, req: Request) -> str:
         """Everything still held back, at a finish that is not a stop-string match."""

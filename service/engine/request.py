@@ -36,8 +36,10 @@ class Request:
     detokenizer: IncrementalDetokenizer
     on_output: Callable[[RequestOutput], None]  # thread-safe hop to the caller's event loop
     stop_matcher: StopStringMatcher | None = None
+    stop_token_ids: frozenset[int] = frozenset()  # stop_token_ids, and EOS unless ignore_eos
     generator: torch.Generator | None = None    # seeded sampling; used only on the engine thread
     grammar: TokenMatcher | None = None         # structured output: fed every sampled token; released at the end
+    cache_salt: bytes | None = None              # prefix-cache tenant: blocks are shared only under equal salts
     all_token_ids: list[int] = field(default_factory=list)  # prompt then outputs; filled in __post_init__
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

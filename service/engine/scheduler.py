@@ -79,7 +79,7 @@ class Scheduler:
             return out
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
-            blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids)
+            blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids, req.cache_salt)
             num_new = min(req.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(req.request_id, num_hit + num_new, blocks):
                 break

@@ -46,6 +46,23 @@ def test_prefix_hit_shares_blocks_without_copying():
     assert (s.used_blocks, s.stored_tokens, s.empty_slots) == (4, 43, 4 * 16 - 43)
 
 
+def test_blocks_are_shared_only_under_the_same_salt():
+    kv = KVCacheManager(num_blocks=20, block_size=16)
+    tokens = list(range(50))
+    blocks, hit = kv.get_computed_blocks(tokens, b"tenant-a")
+    assert kv.allocate_slots("a", len(tokens), blocks)
+    kv.cache_blocks("a", tokens, len(tokens), b"tenant-a")
+    for salt in (None, b"tenant-b", b"tenant-a/"):  # another tenant, or none, learns nothing
+        assert kv.get_computed_blocks(tokens, salt) == ([], 0)
+    assert kv.get_computed_blocks(tokens, b"tenant-a") == (kv.block_table("a")[:3], 48)
+    # the chain continues under the salt: a request admitted on a salted hit extends it
+    longer = tokens + list(range(100, 130))
+    blocks, hit = kv.get_computed_blocks(longer, b"tenant-a")
+    assert kv.allocate_slots("a2", len(longer), blocks)
+    kv.cache_blocks("a2", longer, len(longer), b"tenant-a")
+    assert kv.get_computed_blocks(longer, b"tenant-a")[1] == 64 and kv.get_computed_blocks(longer)[1] == 0
+
+
 @pytest.mark.parametrize(("length", "expect_blocks"), [(15, 0), (16, 0), (17, 1), (32, 1), (33, 2), (48, 2)])
 def test_hit_leaves_at_least_one_token_to_compute(length, expect_blocks):
     kv = KVCacheManager(num_blocks=10, block_size=16)

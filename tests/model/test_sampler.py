@@ -399,3 +399,44 @@ def test_a_ban_is_lifted_when_the_grammar_allows_nothing_else():
     apply_token_masks(logits, TokenMasks(_bitmask([[7]], 40), rows=[0], banned={0: [7], 1: [3, 4]}))
     assert torch.isfinite(logits[0]).tolist() == [i == 7 for i in range(40)]   # only the stop token: it stays
     assert torch.isneginf(logits[1]).nonzero().squeeze(1).tolist() == [3, 4]  # a plain min_tokens ban
+
+
+@pytest.mark.parametrize("bad", ["nan", "+inf", "overflowing-penalty", "tiny-temperature"])
+def test_non_finite_logits_are_repaired_in_their_own_row_only(bad):
+    logits = random_logits(4, seed=11)
+    params = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_p=0.9, seed=2)]
+    prompts, outputs = [[1, 2]] * 4, [[3]] * 4
+    clean = processed_probs(logits, params, prompts, outputs)
+    broken = logits.clone()
+    if bad == "nan":
+        broken[2, 5:20] = float("nan")
+    elif bad == "+inf":
+        broken[2, 7] = float("inf")
+    elif bad == "overflowing-penalty":  # the case: seen tokens' logits divided past float32's range
+        params[2] = SamplingParams(temperature=1.0, repetition_penalty=1e-44)
+        broken[2, [1, 2, 3]] = broken[2, [1, 2, 3]].abs() + 1
+    else:
+        params[2] = SamplingParams(temperature=1e-5)  # just above greedy: logits * 1e5
+        broken[2] *= 1e35
+    probs = processed_probs(broken, params, prompts, outputs)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(4))
+    torch.testing.assert_close(probs[[0, 1, 3]], clean[[0, 1, 3]], rtol=0, atol=0)
+    if bad == "nan":
+        assert (probs[2, 5:20] == 0).all()  # a NaN logit is never chosen
+    if bad == "+inf":
+        assert probs[2, 7] == 1.0  # +inf beats everything finite
+    tokens, _ = Sampler(seed=0).sample(broken, params, prompts, outputs, [make_generator(1), None, None, make_generator(2)])
+    expected, _ = Sampler(seed=0).sample(logits, params, prompts, outputs, [make_generator(1), None, None, make_generator(2)])
+    assert 0 <= tokens[2] < V and [tokens[i] for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)])
+def test_a_row_of_nothing_but_nan_is_refused_naming_the_row(params):
+    logits = random_logits(3, seed=12)
+    logits[1] = float("nan")
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\]: no token has a finite logit"):
+        Sampler(seed=0).sample(logits, [params] * 3, [[1]] * 3, [[]] * 3, [None] * 3)
+    # the same row alone in a greedy batch takes the full path too, instead of returning argmax's NaN index
+    tokens, _ = Sampler(seed=0).sample(logits[[0, 2]], [params] * 2, [[1]] * 2, [[]] * 2, [None] * 2)
+    assert all(0 <= t < V for t in tokens)

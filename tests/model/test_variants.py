@@ -106,3 +106,45 @@ def test_with_variant_shares_all_but_kv(variant):
             assert after[name].data_ptr() != tensor.data_ptr(), name
         else:
             assert after[name].data_ptr() == tensor.data_ptr(), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["wk", "wv"])
+def test_smollm2_three_kv_heads_pool_to_one_as_their_float64_mean(smollm2, name):
+    model, _ = smollm2
+    mqa = with_variant(model, "mqa")
+    D = model.config.head_dim
+    for i in (0, 14, 29):
+        native = getattr(model.layers[i].attention, name).weight.double().reshape(3, D, -1)  # (3, D, dim)
+        expected = (native[0] + native[1] + native[2]) / 3
+        got = getattr(mqa.layers[i].attention, name).weight.double()
+        assert got.shape == (D, 576)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("variant, n_kv", [("gqa-3", 3), ("gqa-6", 6)])
+def test_twelve_heads_four_kv_heads_regroup_through_mha(qkv_bias, variant, n_kv):
+    # 4 -> 3 and 4 -> 6 K/V heads: neither count divides the other, so each query head's K/V head is
+    # repeated out to MHA (12 heads) and the new groups are means over the query heads they serve
+    cfg = replace(PRESETS["tiny"], n_heads=12, n_kv_heads=4, head_dim=8, dim=96, qkv_bias=qkv_bias)
+    model = random_transformer(cfg, seed=4)
+    converted = with_variant(model, variant)
+    assert converted.config.n_kv_heads == n_kv
+    D, n_heads = cfg.head_dim, cfg.n_heads
+    for i, layer in enumerate(model.layers):
+        for name in ("wk", "wv"):
+            kinds = [("weight", getattr(layer.attention, name).weight)]
+            if qkv_bias:
+                kinds.append(("bias", getattr(layer.attention, name).bias))
+            for kind, tensor in kinds:
+                heads = tensor.double().reshape(cfg.n_kv_heads, D, -1)          # (4, D, dim or 1)
+                per_query = [heads[h // (n_heads // cfg.n_kv_heads)] for h in range(n_heads)]
+                group = n_heads // n_kv
+                expected = torch.stack([sum(per_query[g * group:(g + 1) * group]) / group for g in range(n_kv)])
+                got = getattr(converted.layers[i].attention, name)
+                got = got.weight if kind == "weight" else got.bias
+                torch.testing.assert_close(got.double(), expected.reshape(got.shape), rtol=0, atol=1e-6)
+    ids = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.isfinite(converted(ids)).all()

@@ -7,6 +7,7 @@ import types
 import pytest
 
 from service import cli
+from service.api.limits import Limits
 from service.engine.config import EngineConfig
 
 
@@ -49,6 +50,15 @@ OPTIONS = [
     ("--chat-template", "/tmp/t.jinja", "chat_template", "/tmp/t.jinja"),
     ("--allowed-origins", "https://a.example,https://b.example", "allowed_origins",
      ("https://a.example", "https://b.example")),
+    ("--max-body-bytes", "8MiB", "max_body_bytes", 8 << 20),
+    ("--max-prompt-chars", "5000", "max_prompt_chars", 5000),
+    ("--max-messages", "10", "max_messages", 10),
+    ("--max-stop", "16", "max_stop", 16),
+    ("--max-stop-chars", "40", "max_stop_chars", 40),
+    ("--max-response-tokens", "1000", "max_response_tokens", 1000),
+    ("--prefix-cache-scope", "api-key", "prefix_cache_scope", "api-key"),
+    ("--read-timeout", "2.5", "read_timeout", 2.5),
+    ("--keep-alive-timeout", "0.5", "keep_alive_timeout", 0.5),
 ]
 
 
@@ -126,6 +136,28 @@ def test_serve_options_builds_the_engine_config():
                                        enable_prefix_caching=False)
     assert (opts.model, opts.dtype, opts.api_key) == ("tiny", "float32", "k")
     assert (opts.threads, opts.log_stats_interval) == (None, 10.0)  # None: sized from the CPUs at start-up
+    assert opts.limits == Limits()
+
+
+def test_serve_options_builds_the_limits():
+    args = parse(["--max-body-bytes", "1MiB", "--max-prompt-chars", "900", "--max-messages", "3", "--max-stop", "9",
+                  "--max-stop-chars", "7", "--max-response-tokens", "500"])
+    assert cli.serve_options(args).limits == Limits(max_body_bytes=1 << 20, max_prompt_chars=900, max_messages=3,
+                                                    max_stop=9, max_stop_chars=7, max_response_tokens=500)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--prefix-cache-scope", "api-key"], "needs --api-key"),
+    (["--api-key", " , "], "holds no key"),
+])
+def test_impossible_key_settings_are_refused(argv, needle):
+    with pytest.raises(ValueError, match=needle):
+        cli.serve_options(parse(argv))
+
+
+def test_several_api_keys_and_the_cache_scope():
+    opts = cli.serve_options(parse(["--api-key", "k1, k2", "--prefix-cache-scope", "api-key"]))
+    assert (opts.api_key, opts.prefix_cache_scope) == ("k1, k2", "api-key")
 
 
 def test_model_errors_found_at_start_up_are_one_line_exit_2(capsys):

@@ -74,8 +74,9 @@ def test_request_timeout_ends_with_timeout_and_frees_blocks():
         if r.status_code == 200:  # it produced tokens, then ran out of time
             assert r.json()["choices"][0]["finish_reason"] == "timeout"
             assert 1 <= r.json()["usage"]["completion_tokens"] < LONG
-        else:  # nothing before the deadline: an error, not an empty success
+        else:  # nothing before the deadline: an error, not an empty success, and no invitation to retry at once
             assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+            assert int(r.headers["retry-after"]) >= 1
         with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
             raw = s.read().decode()
         if s.status_code == 200:

@@ -158,23 +158,92 @@ def test_explicit_abort_reports_abort(tiny):
     engine.shutdown()
 
 
-def test_an_exception_in_a_step_fails_that_step_and_the_engine_keeps_serving(tiny, monkeypatch):
+BAD_PROMPT = [250, 251, 252, 253, 254, 255, 256]
+
+
+def inject(engine, monkeypatch, where: str) -> None:
+    """Make the request with BAD_PROMPT break at `where`, whatever else shares its step."""
+    runner, sampler, outputs = engine.runner.execute, engine.sampler.sample, engine.outputs.on_token
+
+    def forward(scheduled):
+        if any(s.request.prompt_token_ids == BAD_PROMPT for s in scheduled):
+            raise RuntimeError("injected forward failure")
+        return runner(scheduled)
+
+    def nan_logits(scheduled):  # the model emits NaN for the bad request's row only
+        logits = runner(scheduled).clone()  # an inference tensor cannot be written outside inference mode
+        rows = [s for s in scheduled if s.samples]
+        for i, s in enumerate(rows):
+            if s.request.prompt_token_ids == BAD_PROMPT:
+                logits[i] = float("nan")
+        return logits
+
+    def sample(logits, params, prompt_ids, *rest):
+        if BAD_PROMPT in prompt_ids:
+            raise RuntimeError("injected sampling failure")
+        return sampler(logits, params, prompt_ids, *rest)
+
+    def on_token(req, *args):
+        if req.prompt_token_ids == BAD_PROMPT:
+            raise RuntimeError("injected output failure")
+        return outputs(req, *args)
+
+    if where == "forward":
+        monkeypatch.setattr(engine.runner, "execute", forward)
+    elif where == "nan-logits":
+        monkeypatch.setattr(engine.runner, "execute", nan_logits)
+    elif where == "sample":
+        monkeypatch.setattr(engine.sampler, "sample", sample)
+    elif where == "output":
+        monkeypatch.setattr(engine.outputs, "on_token", on_token)
+
+
+@pytest.mark.parametrize("where", ["forward", "nan-logits", "sample", "output", "overflowing-penalty"])
+def test_a_request_that_breaks_fails_alone_and_the_others_are_unchanged(tiny, monkeypatch, where):
+    model, tok = tiny
+    engine = make_engine(model, tok)
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True, stop=("zz",))
+    healthy = [([10, 11, 12], greedy), ([40] * 20, seeded), ([13, 14], greedy), ([99, 98, 97, 96], greedy)]
+    alone = run_all(engine, healthy)
+    inject(engine, monkeypatch, where)
+    # the issue's case: a penalty of 1e-44 divides the seen tokens' logits past float32's range
+    bad = SamplingParams(max_tokens=4, temperature=1.0, repetition_penalty=1e-44, ignore_eos=True) \
+        if where == "overflowing-penalty" else SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    outs = run_all(engine, healthy[:2] + [(BAD_PROMPT, bad)] + healthy[2:])
+    broken = outs.pop(2)
+    if where == "overflowing-penalty":  # its logits are repaired, so it runs to the end
+        assert broken[-1].finish_reason == "length" and len(tokens_of(broken)) == 4
+    else:
+        assert broken[-1].finish_reason == "error" and broken[-1].error
+        assert "injected" in broken[-1].error or "finite" in broken[-1].error
+    for got, want in zip(outs, alone):
+        assert tokens_of(got) == tokens_of(want) and text_of(got) == text_of(want)
+        assert got[-1].finish_reason == "length"
+    assert engine.stats().kv.used_blocks == 0 and engine.num_unfinished == 0
+    monkeypatch.undo()
+    again = run_all(engine, [(BAD_PROMPT, greedy)])[0]  # the engine keeps serving, the bad prompt too
+    assert tokens_of(again) == reference_greedy(model, BAD_PROMPT, 6)
+    engine.shutdown()
+
+
+def test_a_forward_that_fails_for_everyone_fails_them_with_a_clear_error_and_the_engine_recovers(tiny, monkeypatch):
     model, tok = tiny
     engine = make_engine(model, tok)
     real = engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(scheduled):
+    def broken(scheduled):
         calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("injected failure")
-        return real(scheduled)
+        raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(engine.runner, "execute", flaky)
+    monkeypatch.setattr(engine.runner, "execute", broken)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     failed = run_all(engine, [([10, 11, 12], params), ([13, 14], params)])
     for outs in failed:
         assert outs[-1].finish_reason == "error" and "injected failure" in outs[-1].error
+    assert calls["n"] >= 3  # the batch, then each request alone
+    monkeypatch.setattr(engine.runner, "execute", real)
     again = run_all(engine, [([10, 11, 12], params)])[0]
     assert tokens_of(again) == reference_greedy(model, [10, 11, 12], 4)
     assert engine.stats().kv.used_blocks == 0
@@ -199,11 +268,29 @@ def test_max_model_len_beyond_the_kv_capacity_is_refused_at_start(tiny):
         make_engine(model, tok, kv_cache_memory=1 << 16, max_model_len=4096)
 
 
-def test_queue_bound_refuses_beyond_max_queue(tiny):
+@pytest.mark.parametrize("max_num_seqs,max_queue", [(1, 0), (2, 0), (2, 3)])
+def test_max_queue_counts_only_what_must_wait(tiny, max_num_seqs, max_queue):
+    # a burst: max_num_seqs requests can run at once, max_queue more may wait, the rest are refused
     model, tok = tiny
-    engine = make_engine(model, tok, max_queue=0)
-    with pytest.raises(QueueFullError):
-        run_all(engine, [([5, 6], SamplingParams(max_tokens=2))])
+    engine = make_engine(model, tok, max_num_seqs=max_num_seqs, max_queue=max_queue)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+    async def burst():
+        gens = [engine.generate([5, 6, i], params, f"r{i}") for i in range(max_num_seqs + max_queue + 2)]
+        results = await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
+        for gen in gens:
+            await gen.aclose()
+        return results
+
+    results = asyncio.run(burst())
+    served = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, QueueFullError)]
+    assert (len(served), len(refused)) == (max_num_seqs + max_queue, 2)
+    assert f"{max_num_seqs} run at once" in str(refused[0]) and f"{max_queue} may wait" in str(refused[0])
+    deadline = time.monotonic() + 30
+    while engine.num_unfinished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tokens_of(run_all(engine, [([5, 6], params)])[0]) == reference_greedy(model, [5, 6], 3)  # served again
     engine.shutdown()
 
 

@@ -146,3 +146,22 @@ def test_with_the_tiny_models_byte_tokenizer():
         if matched:
             break
     assert matched and total == "naïve 東京 stop"
+
+
+def test_a_push_costs_its_text_not_the_number_of_stop_strings():
+    # 50,000 stop strings: scanning each per push (as before) took ~40 ms a push, ~20 s here;
+    # walking the automaton takes microseconds. The bound is 1,000x what this needs.
+    import random
+    import time
+
+    rng = random.Random(0)
+    stops = tuple("".join(rng.choice("abcdefgh") for _ in range(8)) + "!" for _ in range(50_000))
+    matcher = StopStringMatcher(stops)
+    text = "".join(rng.choice("abcdefgh") for _ in range(500))
+    started = time.perf_counter()
+    shown = "".join(matcher.push(ch)[0] for ch in text)
+    elapsed = time.perf_counter() - started
+    assert not matcher.finished and shown + matcher.flush() == text
+    assert elapsed < 2.0, f"500 one-character pushes took {elapsed:.2f}s with 50,000 stop strings"
+    out, matched = matcher.push(stops[123])  # and it still matches one of them
+    assert matched and matcher.matched == stops[123]
