@@ -161,7 +161,9 @@ class Pipeline:
                                 job.names)
 
     async def start(self, request: Request, job: Job) -> Generation:
-        """A started Generation to stream (submission errors raised before anything is sent)."""
+        """A Generation to stream, as soon as the engine has accepted it (submission errors raised
+        before anything is sent; the first token may still be a long prefill away)."""
         gen, _ = await unless_disconnected(
-            request.receive, submit(job.variant, job.engine, job.prompts, job.params, job.prefix, job.names))
+            request.receive, submit(job.variant, job.engine, job.prompts, job.params, job.prefix, job.names,
+                                    first_outputs=False))
         return gen

@@ -58,7 +58,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         gen = await pipe.start(request, job)
         parts = answer(gen.request_id)
         events = (parts.chat_stream if chat else parts.completion_stream)(gen.events(), len(job.prompts))
-        return EventStream(events, gen.close)
+        return EventStream(events, gen.close, keep_alive_s=state.sse_keep_alive_s)
 
     @app.get("/health")
     async def health() -> Response:
@@ -141,7 +141,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
             result = answer.response(outputs[0]).model_dump(exclude_none=True)
             return JSONResponse([result] if as_list else result)
         gen = await pipe.start(request, job)
-        return EventStream(answer.stream(gen.events()), gen.close)
+        return EventStream(answer.stream(gen.events()), gen.close, keep_alive_s=state.sse_keep_alive_s)
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
