@@ -1,9 +1,11 @@
 """One HTTP request's engine requests: submitted, and merged into one stream of outputs.
 
 An HTTP request asks for n choices of one or more prompts; each choice is its own engine request,
-with the id `<request id>-<i>`. `submit` waits until every choice has started (so submission
-errors, including the engine's validation, become an answer before anything is sent);
-`run_to_end` collects everything for a JSON answer. Every failure is an
+with the id `<request id>-<i>`. `submit` waits until the engine has accepted every choice (so
+submission errors, the engine's validation and a full queue included, become an answer before
+anything is sent) and, for a JSON answer, until each choice's first output too (so an engine error
+or a timeout before the first token is a status code as well); a stream starts once the choices are
+accepted, however long the prefill takes. `run_to_end` collects everything for a JSON answer. Every failure is an
 APIError; whatever has not finished when a Generation closes is aborted, which frees its KV blocks.
 No FastAPI here.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 
 from starlette.types import Receive
 
@@ -20,6 +23,8 @@ from service.api.disconnect import unless_disconnected
 from service.api.errors import bad_request, failed, unavailable
 from service.api.request_context import current_record
 from service.engine import Engine, EngineDeadError, QueueFullError, RequestError, RequestOutput
+
+_ACCEPTED = object()  # queued by a choice when the engine takes it, before any of its outputs
 
 
 def new_request_id(prefix: str) -> str:
@@ -37,7 +42,8 @@ class Generation:
         self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._record = current_record.get()  # the HTTP request's access-log record, if any
-        self._pumps = [asyncio.ensure_future(self._pump(i, engine.generate(p, sp, rid, cache_salt=cache_salt)))
+        self._pumps = [asyncio.ensure_future(self._pump(i, engine.generate(
+                           p, sp, rid, cache_salt=cache_salt, accepted=partial(self._queue.put_nowait, (i, _ACCEPTED)))))
                        for i, (p, sp, rid) in enumerate(zip(prompts, params, self.ids))]
         self._ready: list[tuple[int, RequestOutput]] = []
         self.finished = [False] * len(prompts)
@@ -51,17 +57,22 @@ class Generation:
         except Exception as exc:  # submission errors (queue full, ...) reach start() this way
             self._queue.put_nowait((index, exc))
 
-    async def start(self) -> list[RequestOutput]:
-        """Waits for every choice's first output (engine errors raised as they are); returns them."""
+    async def start(self, *, first_outputs: bool = True) -> list[RequestOutput]:
+        """Waits until the engine accepted every choice (its refusals raised as they are) and, with
+        `first_outputs`, for every choice's first output; returns the first outputs it waited for."""
+        accepted: set[int] = set()
         firsts: dict[int, RequestOutput] = {}
-        while len(firsts) < len(self.ids):
+        while len(accepted) < len(self.ids) or (first_outputs and len(firsts) < len(self.ids)):
             index, item = await self._queue.get()
             if isinstance(item, Exception):
                 self.close()
                 raise item
+            if item is _ACCEPTED:
+                accepted.add(index)
+                continue
             firsts.setdefault(index, item)
             self._ready.append((index, item))
-        return [firsts[i] for i in range(len(self.ids))]
+        return [firsts[i] for i in sorted(firsts)]
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every output until all choices finish (those start() saw come first)."""
@@ -85,12 +96,14 @@ class Generation:
 
 
 async def submit(variant: str, engine: Engine, prompts: list[list[int]], params: list[SamplingParams], prefix: str,
-                 names: Mapping[str, str], cache_salt: bytes | None = None) -> tuple[Generation, list[RequestOutput]]:
-    """A started Generation and every choice's first output, or the APIError to answer instead.
-    The engine validates each request (`names`: the endpoint's names for the engine's fields)."""
+                 names: Mapping[str, str], cache_salt: bytes | None = None, *,
+                 first_outputs: bool = True) -> tuple[Generation, list[RequestOutput]]:
+    """A Generation the engine accepted and, with `first_outputs`, every choice's first output; or the
+    APIError to answer instead. The engine validates each request (`names`: the endpoint's names
+    for the engine's fields)."""
     gen = Generation(engine, prompts, params, new_request_id(prefix), cache_salt)
     try:
-        firsts = await gen.start()
+        firsts = await gen.start(first_outputs=first_outputs)
     except QueueFullError as exc:
         raise unavailable(f"server busy: {exc}; retry later", "queue_full", "queue_full", variant) from None
     except EngineDeadError as exc:

@@ -217,9 +217,10 @@ class Pipeline:
                                 job.names, job.cache_salt)
 
     async def start(self, request: Request, job: Job) -> Generation:
-        """A started Generation to stream (submission errors raised before anything is sent)."""
+        """A Generation to stream, as soon as the engine has accepted it (submission errors raised
+        before anything is sent; the first token may still be a long prefill away)."""
         self.check(job)
         gen, _ = await unless_disconnected(
             request.receive, submit(job.variant, job.engine, job.prompts, job.params, job.prefix, job.names,
-                                    job.cache_salt))
+                                    job.cache_salt, first_outputs=False))
         return gen

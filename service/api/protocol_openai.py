@@ -162,7 +162,10 @@ class ChatMessage(RequestBody):
         if isinstance(content, list):
             content = "".join(part.text or "" for part in content)
         # the templates of small open models know "system" only
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.name is not None:  # the participant's name, for templates that show it (as vLLM passes it)
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(_SamplingFields):

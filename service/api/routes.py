@@ -62,7 +62,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         gen = await pipe.start(request, job)
         parts = answer(gen.request_id)
         events = (parts.chat_stream if chat else parts.completion_stream)(gen.events(), len(job.prompts))
-        return EventStream(events, gen.close)
+        return EventStream(events, gen.close, keep_alive_s=state.sse_keep_alive_s)
 
     @app.get("/health")
     async def health() -> Response:
@@ -152,7 +152,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
                 return [result] if as_list else result
             return await pipe.json(size, render)
         gen = await pipe.start(request, job)
-        return EventStream(answer.stream(gen.events()), gen.close)
+        return EventStream(answer.stream(gen.events()), gen.close, keep_alive_s=state.sse_keep_alive_s)
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:

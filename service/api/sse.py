@@ -1,4 +1,11 @@
-"""Server-sent events that stop, and abort their engine requests, the moment the client leaves."""
+"""Server-sent events that stop, and abort their engine requests, the moment the client leaves,
+and that keep a silent stream alive with comments.
+
+A streaming answer starts as soon as the engine has accepted its requests, which can be long
+before the first token (a long prefill, a full batch). While nothing is ready the stream sends an
+SSE comment, `: keep-alive`, every `keep_alive_s` seconds, so proxies and clients with read
+timeouts see bytes; clients skip comments (the SSE spec; openai's and huggingface_hub's readers do).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -9,23 +16,43 @@ from starlette.types import Receive, Scope, Send
 
 from service.api.disconnect import wait_for_disconnect
 
+KEEP_ALIVE = b": keep-alive\n\n"
+
 
 class EventStream(StreamingResponse):
     """SSE from an async iterator of ready-framed events. Watches the receive channel while it
-    streams: on `http.disconnect` it stops the iterator; `on_close` then aborts whatever is unfinished."""
+    streams: on `http.disconnect` it stops the iterator; `on_close` then aborts whatever is unfinished.
+    Whenever `keep_alive_s` seconds pass without an event, it sends KEEP_ALIVE."""
 
-    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]):
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None], *, keep_alive_s: float):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events = events
         self.on_close = on_close
+        self.keep_alive_s = keep_alive_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
 
+        async def body(chunk: bytes) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
         async def stream() -> None:
-            async for chunk in self.events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            while True:
+                # the next event runs as a task of its own, so waiting for it can time out without
+                # cancelling it: the event iterator is never interrupted mid-way by a keep-alive
+                pending = asyncio.ensure_future(anext(self.events))
+                try:
+                    while not (await asyncio.wait({pending}, timeout=self.keep_alive_s))[0]:
+                        await body(KEEP_ALIVE)
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    if not pending.done():  # the client left, or sending failed
+                        pending.cancel()
+                        await asyncio.gather(pending, return_exceptions=True)
+                await body(chunk)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         streamer = asyncio.ensure_future(stream())

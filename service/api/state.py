@@ -10,6 +10,8 @@ from service.api.limits import Limits, shown
 from service.engine import Engine
 from service.metrics import ServerMetrics
 
+SSE_KEEP_ALIVE_S = 10.0
+
 
 @dataclass(slots=True)
 class ServerState:
@@ -26,6 +28,7 @@ class ServerState:
     draining: bool = False
     reject_unknown_fields: bool = False   # unknown body fields: 400 instead of a log line
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*" = any); none = off
+    sse_keep_alive_s: float = SSE_KEEP_ALIVE_S  # a stream silent this long gets a ": keep-alive" comment
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -145,9 +145,14 @@ class Engine:
         self._wake.set()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
-                       cache_salt: bytes | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: bytes | None = None,
+                       accepted: Callable[[], None] | None = None) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come. `cache_salt`: its prefix-cache tenant (blocks are
-        shared only between requests of equal salt; None is the shared default)."""
+        shared only between requests of equal salt; None is the shared default). What the engine
+        refuses (RequestError, QueueFullError, EngineDeadError) is raised before anything else
+        happens; `accepted()` is called once it has taken the request (validated, grammar compiled,
+        queued), from when on every failure comes as an output: a streaming answer can start then,
+        without waiting for the first token."""
         self.validate(prompt_token_ids, params)
         # compiled (or found in the cache) off this loop and off the engine thread; RequestError if invalid
         grammar = None if params.structured_output is None else await self.grammars.matcher(params.structured_output)
@@ -175,6 +180,8 @@ class Engine:
             self._live[request_id] = req
             self._inbox.append(req)
         self._wake.set()
+        if accepted is not None:
+            accepted()
         finished = False
         try:
             while not finished:
