@@ -61,7 +61,7 @@ def footprint(cfg, variant: str, dtype_bytes: int, budget: int, block_size: int,
     from model.variants import parse_variant, split_variant
 
     name, path = split_variant(variant)
-    record = {}
+    record: dict = {}
     if path is None:
         n_kv = parse_variant(name, cfg.n_heads, cfg.n_kv_heads)
     else:
