@@ -65,7 +65,8 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
 
 
 def _log(line: str) -> None:
-    print(f"kvserve convert: {line}", file=sys.stderr, flush=True)
+    from tqdm import tqdm
+    tqdm.write(f"kvserve convert: {line}", file=sys.stderr)  # above the progress bar when there is one
 
 
 def run_convert(args: argparse.Namespace) -> int:

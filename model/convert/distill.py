@@ -103,7 +103,6 @@ class Distiller:
         tokens_per_step = opts.batch_size * opts.seq_len
         bar = tqdm(total=opts.steps, initial=state.step, desc="distilling", unit="step", file=sys.stderr,
                    disable=not opts.progress, dynamic_ncols=True)
-        self.log = bar.write if opts.progress else self.log
         clock = last_save = time.monotonic()
         step_s = None
 
