@@ -38,7 +38,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", choices=list(TRAIN_SETS), default="kv",
                    help="what distillation trains: kv (K/V projections; the rest stays shared with the base), "
                    "attention (all four attention projections) or all (default: kv)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate; with --steps, a cosine from it down to a "
+                   "tenth of it (default: 2e-3)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="fixes the data order: the same seed, the same run")

@@ -2,7 +2,8 @@
 
 The teacher is the unconverted checkpoint, the student the converted one; both see the same
 batch and the student's chosen parameters (`--train`, the K/V projections by default) follow Adam
-on the mean KL of their next-token distributions at every position. The student's attention is
+on the mean KL of their next-token distributions at every position (learning rate: a cosine to a
+tenth over `--steps` when given, else constant). The student's attention is
 the flash attention, so its backward is `model.flash_backward`. A step's batch is a function of
 (seed, step), the optimizer state is checkpointed with the tensors, so a resumed run continues
 exactly; the run stops at the step budget, at the wall-clock budget (counted across sessions), or
@@ -10,6 +11,7 @@ between two steps when asked to (a signal), saving a checkpoint each time.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -59,8 +61,18 @@ class Distiller:
         """Finish the current step, save a checkpoint and return from `run` (safe from a signal handler)."""
         self._stop_requested = True
 
+    def learning_rate(self, step: int) -> float:
+        """With a step budget, a cosine from --lr down to a tenth of it at the last step; under a
+        wall-clock budget alone, constant (a schedule over time would make runs unrepeatable)."""
+        lr, steps = self.opts.lr, self.opts.steps
+        if not steps:
+            return lr
+        return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+
     def step(self) -> float:
         """One optimizer step on the batch of step `state.step`; returns its KL."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.state.step)
         ids = self.data.batch(self.state.step, self.opts.batch_size, self.opts.seed).to(self.student.device)
         loss = _kl(self.teacher, self.student, ids)
         loss.backward()

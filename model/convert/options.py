@@ -27,7 +27,7 @@ class ConvertOptions:
     max_minutes: float | None = None    # wall-clock budget of fit + distillation, across resumed sessions
     init: str = "fit"                   # fit | mean
     train: str = "kv"                   # kv | attention | all
-    lr: float = 1e-3
+    lr: float = 2e-3
     batch_size: int = 4
     seq_len: int = 256
     seed: int = 0

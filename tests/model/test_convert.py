@@ -87,6 +87,19 @@ def test_distillation_lowers_the_held_out_kl_and_trains_only_what_it_should(trai
         assert torch.equal(tensor, frozen[name]), name
 
 
+def test_learning_rate_is_a_cosine_over_the_step_budget_else_constant(tmp_path):
+    teacher = random_transformer(PRESETS["tiny"], seed=0)
+    data = TrainingText(token_stream(byte_tokenizer(), SMALL_TEXT), 32, 4)
+
+    def rates(**kw):
+        opts = tiny_opts(tmp_path / "out", **kw)
+        distiller = Distiller(teacher, convert_run.student_of(teacher, opts), data, opts, TrainState(), lambda line: None)
+        return [distiller.learning_rate(step) for step in range(0, 101, 25)]
+
+    assert rates(steps=100, lr=1e-3) == pytest.approx([1e-3, 0.8682e-3, 0.55e-3, 0.2318e-3, 1e-4], rel=1e-3)
+    assert rates(steps=None, max_minutes=5.0, lr=1e-3) == [1e-3] * 5
+
+
 def test_kl_matches_autograd_in_value_and_gradient():
     gen = torch.Generator().manual_seed(0)
     student = (3 * torch.randn(150, 300, generator=gen)).requires_grad_()
