@@ -25,7 +25,9 @@ from model.convert.data import TrainingText, stdlib_docstrings, token_stream
 from model.convert.distill import Distiller, validation_kl
 from model.convert.fit import fit_kv
 from model.convert.options import ConvertOptions
+from model.hf_loader import open_hf
 from model.hf_writer import save_hf_checkpoint
+from model.loader import load_base
 from model.transformer import Transformer
 from model.variants import parse_variant, with_variant
 
@@ -105,9 +107,6 @@ def convert(opts: ConvertOptions, log: Callable[[str], None],
     """Run the conversion; the record written beside the model, or None when stopped before the end
     (a checkpoint is saved; rerunning resumes). `on_distiller` sees the distiller before it runs
     (the CLI connects signals to its `request_stop`)."""
-    from model.hf_loader import open_hf
-    from model.loader import load_base
-
     check_output(opts)
     state = load_checkpoint(opts)
     teacher, tokenizer = load_base(opts.model, dtype=torch.float32, attention="flash", progress=opts.progress)
