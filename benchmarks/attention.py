@@ -3,9 +3,12 @@
     python -m benchmarks.attention [--seq-lens 512,1024,2048,4096,8192] [--dtypes float32,bfloat16]
                                    [--impls naive,flash,sdpa] [--repeats 3] [--threads N] [--json PATH]
                                    [--omp-wait-policy PASSIVE|ACTIVE|inherit] [--heads 9 --kv-heads 3 --head-dim 64]
+                                   [--backward]
 
 SmolLM2-135M's attention shape by default: 9 query heads, 3 K/V heads, head_dim 64, batch 1,
-Tq = Tk = T. Prints markdown tables (for BENCHMARKS.md); nothing is asserted.
+Tq = Tk = T. Prints markdown tables (for BENCHMARKS.md); nothing is asserted. With `--backward`
+one call is forward + backward (`torch.autograd.grad` of q, k, v for an all-ones output gradient):
+training's cost, where naive autograd keeps T x T matrices and flash keeps row statistics.
 
 Every (dtype, T, implementation) runs in a fresh subprocess, so no case inherits another's
 allocator state, and memory is measured two ways there:
@@ -65,31 +68,43 @@ def _torch_peak_bytes(fn) -> int | None:
     return peak
 
 
-def run_case(impl: str, seq_len: int, dtype_name: str, heads: int, kv_heads: int, head_dim: int,
-             repeats: int, threads: int | None) -> dict:
-    """One measurement, in this process (the parent calls it through a subprocess)."""
+def _call(impl: str, backward: bool):
+    """One call of `impl` on (q, k, v): the forward, or forward + backward for an all-ones output gradient."""
     import torch
 
     from model.attention import ATTENTION_IMPLS
+    fn = ATTENTION_IMPLS[impl]
+    if not backward:
+        return lambda q, k, v: fn(q, k, v, causal=True)
+    return lambda q, k, v: torch.autograd.grad(fn(q, k, v, causal=True), (q, k, v), torch.ones_like(q))
+
+
+def run_case(impl: str, seq_len: int, dtype_name: str, heads: int, kv_heads: int, head_dim: int,
+             repeats: int, threads: int | None, backward: bool = False) -> dict:
+    """One measurement, in this process (the parent calls it through a subprocess)."""
+    import torch
+
     if threads:
         torch.set_num_threads(threads)
-    fn, dtype = ATTENTION_IMPLS[impl], getattr(torch, dtype_name)
+    fn, dtype = _call(impl, backward), getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(seq_len)
-    q, k, v = (torch.randn(1, h, seq_len, head_dim, generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads))
-    small = [t[:, :, :64].contiguous() for t in (q, k, v)]
-    fn(*small, causal=True)  # load kernels and thread pools outside the measurement
+    q, k, v = (torch.randn(1, h, seq_len, head_dim, generator=gen).to(dtype).requires_grad_(backward)
+               for h in (heads, kv_heads, kv_heads))
+    small = [t[:, :, :64].detach().contiguous().requires_grad_(backward) for t in (q, k, v)]
+    fn(*small)  # load kernels and thread pools outside the measurement
     gc.collect()
     rss_before, maxrss_before = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    fn(q, k, v, causal=True)
+    fn(q, k, v)
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    torch_peak = _torch_peak_bytes(lambda: fn(q, k, v, causal=True))
+    torch_peak = _torch_peak_bytes(lambda: fn(q, k, v))
     walls, cpus = [], []
     for _ in range(repeats):
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        fn(q, k, v, causal=True)
+        fn(q, k, v)
         walls.append(time.perf_counter() - wall0)
         cpus.append(time.process_time() - cpu0)
     return {"impl": impl, "seq_len": seq_len, "dtype": dtype_name, "threads": torch.get_num_threads(),
+            "backward": backward,
             "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "walls": walls,
             "torch_peak_bytes": torch_peak, "rss_peak_bytes": max(0, maxrss_after - rss_before),
             "rss_floor_bytes": max(0, maxrss_before - rss_before)}
@@ -99,6 +114,7 @@ def _subprocess_case(args, impl: str, seq_len: int, dtype: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.attention", "--child", f"{impl},{seq_len},{dtype}",
            "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
            "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+    cmd += ["--backward"] if args.backward else []
     env = dict(os.environ)
     if args.omp_wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
@@ -118,14 +134,14 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if not a or not b else f"{a / b:.2f}x"
 
 
-def print_tables(results: list[dict], dtype: str, seq_lens: list[int], impls: list[str]) -> None:
+def print_tables(results: list[dict], dtype: str, seq_lens: list[int], impls: list[str], what: str) -> None:
     by = {(r["seq_len"], r["impl"]): r for r in results if r["dtype"] == dtype and "error" not in r}
 
     def get(seq_len: int, impl: str, key: str) -> float | None:
         return by.get((seq_len, impl), {}).get(key)
 
     def table(title: str, keys: tuple[str, str], labels: tuple[str, str], scale: float, ratio: tuple[str, str]) -> None:
-        print(f"\n#### {dtype}: {title}\n")
+        print(f"\n#### {dtype}, {what}: {title}\n")
         heads = [f"{i} {label}" for label in labels for i in impls]
         ratios = [f"{ratio[0]}/{ratio[1]} {label}" for label in labels]
         print("| T | " + " | ".join(heads + ratios) + " |")
@@ -165,13 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=9)
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--backward", action="store_true", help="measure forward + backward (training) instead of forward")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "impl,T,dtype": measure one case
     args = p.parse_args(argv)
     if args.child:
         impl, seq_len, dtype = args.child.split(",")
         print(json.dumps(run_case(impl, int(seq_len), dtype, args.heads, args.kv_heads, args.head_dim,
-                                  args.repeats, args.threads)))
+                                  args.repeats, args.threads, args.backward)))
         return
     try:
         seq_lens = [int(t) for t in args.seq_lens.split(",")]
@@ -186,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"unknown {name} {bad[0]!r}; choose from: {', '.join(allowed)}")
     if args.kv_heads < 1 or args.heads % args.kv_heads:
         p.error(f"--kv-heads={args.kv_heads} must divide --heads={args.heads}")
-    print(f"Causal prefill, batch 1, {args.heads} q heads, {args.kv_heads} kv heads, head_dim {args.head_dim}; "
+    what = "forward + backward" if args.backward else "forward"
+    print(f"Causal prefill ({what}), batch 1, {args.heads} q heads, {args.kv_heads} kv heads, head_dim {args.head_dim}; "
           f"{_environment(args)}.")
     print("torch = peak bytes held by torch tensors during one call (profiler allocation events); "
           "RSS = peak resident set growth during one call, each case in a fresh process.")
@@ -196,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             for impl in impls:
                 results.append(_subprocess_case(args, impl, T, dtype))
                 print(f"  measured {dtype} T={T} {impl}", file=sys.stderr, flush=True)
-        print_tables(results, dtype, seq_lens, impls)
+        print_tables(results, dtype, seq_lens, impls, what)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:

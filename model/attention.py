@@ -9,7 +9,9 @@ prefix, and decode. Hkv must divide Hq (MHA, GQA, MQA).
 - `naive_attention` materialises the whole (Tq, Tk) score matrix: the readable reference.
 - `flash_attention` is the FlashAttention forward in plain tensor ops: tiles over queries and keys,
   online softmax, one tile of scores in memory, tiles above the causal diagonal skipped, grouped
-  query heads instead of repeated K/V.
+  query heads instead of repeated K/V. It is differentiable: with gradients on, it runs as
+  `model.flash_backward.FlashAttentionFunction`, whose backward recomputes the tiles from each
+  row's saved log-sum-exp; with gradients off (inference) it is the plain forward, no extra work.
 - `sdpa_attention` is torch's fused kernel, for comparison.
 The paged (KV-cache) forms live in `model.paged_attention`; they share `OnlineSoftmax` and the
 helpers below. Half-precision inputs are computed in float32 and the output cast back: this CPU
@@ -142,6 +144,19 @@ def flash_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
     block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
 ) -> Tensor:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Imported here: model.flash_backward builds on this module's forward.
+        from model.flash_backward import FlashAttentionFunction
+        return FlashAttentionFunction.apply(q, k, v, causal, block_q, block_k)
+    return flash_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+
+
+def flash_forward(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, block_q: int, block_k: int, lse: Tensor | None = None,
+) -> Tensor:
+    """The tiled forward. With `lse` (B * Hkv, Tq * G) given, also writes each query row's base-2
+    log-sum-exp of its scaled scores there (rows ordered (t, g), as `q_rows` below): all the
+    backward pass keeps of the softmax."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group, bh = Hq // Hkv, B * Hkv
@@ -180,6 +195,8 @@ def flash_attention(
                 torch.bmm(q_tile, k_t[:, :, ks:ke], out=scores)
             state.update(scores, v[:, ks:ke])
         state.result_into(out_rows[:, :, qs:qe])
+        if lse is not None:
+            torch.add(state.m, state.l.log2(), out=lse[:, qs * group:qe * group, None])
     return out.view(B, Tq, Hq, D).transpose(1, 2)
 
 

@@ -1,5 +1,6 @@
 """`kvserve`: the command line. `serve` runs the HTTP server, `generate` one prompt offline,
-`bench` hands everything after it to service.bench.cli.
+`convert` makes a distilled GQA/MQA variant (model.convert.cli), `bench` hands everything after it
+to service.bench.cli.
 
 Every `serve` option can also come from the environment as KVSERVE_<OPTION> (upper case, dashes
 as underscores: --kv-cache-memory -> KVSERVE_KV_CACHE_MEMORY); the command line wins. A bad value,
@@ -19,6 +20,7 @@ import sys  # noqa: E402
 
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _VARIANT = re.compile(r"native|mha|mqa|gqa-[0-9]+")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_FORMATS = ("text", "json")
 
@@ -64,13 +66,20 @@ def _size(text: str) -> int:
 
 
 def _variants(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(","))
-    for name in names:
-        if not _VARIANT.fullmatch(name):
-            raise argparse.ArgumentTypeError(f"invalid variant {name!r}: use native, mha, mqa or gqa-N, comma-separated")
+    specs = tuple(v.strip() for v in text.split(","))
+    names = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if sep and not (_LABEL.fullmatch(name) and name != "native" and path):
+            raise argparse.ArgumentTypeError(f"invalid variant {spec!r}: NAME=DIR needs a name (letters, digits, "
+                                             "'.', '_', '-'; not 'native') and a checkpoint directory")
+        if not sep and not _VARIANT.fullmatch(spec):
+            raise argparse.ArgumentTypeError(f"invalid variant {spec!r}: use native, mha, mqa, gqa-N or NAME=DIR "
+                                             "(a converted checkpoint), comma-separated")
+        names.append(name)
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{text!r} names a variant twice")
-    return names
+    return specs
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -85,7 +94,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny (random, for tests) or a path "
                    "to a .gguf file or a Hugging Face directory")
     p.add_argument("--variants", type=_variants, default=("native",),
-                   help="comma list of attention variants served side by side: native, mha, gqa-N, mqa")
+                   help="comma list of attention variants served side by side: native, mha, gqa-N, mqa, or "
+                   "NAME=DIR for a converted checkpoint (kvserve convert) sharing every tensor but K/V with --model")
     p.add_argument("--attention", choices=("flash", "sdpa", "naive"), default="flash")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 where the CPU (AVX-512/AMX with bf16) or GPU does it well, else float32")
@@ -214,8 +224,8 @@ def serve_options(args: argparse.Namespace):
 
 
 def build_parser(environ=None) -> argparse.ArgumentParser:
-    """`kvserve` with its `serve` subcommand; `generate` and `bench` are listed here and parsed by their
-    owners (service.offline, service.bench.cli), so serving never imports them."""
+    """`kvserve` with its `serve` subcommand; `generate`, `convert` and `bench` are listed here and parsed
+    by their owners (service.offline, model.convert.cli, service.bench.cli), so serving never imports them."""
     parser = _Parser(prog="kvserve", description="LLM inference microservice with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API, /generate, /metrics)")
@@ -223,6 +233,8 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     serve.set_defaults(**env_defaults(serve, os.environ if environ is None else environ))
     sub.add_parser("generate", help="generate from one prompt without the server: kvserve generate --help",
                    add_help=False)
+    sub.add_parser("convert", help="distil a variant with fewer K/V heads into a new checkpoint: "
+                   "kvserve convert --help", add_help=False)
     sub.add_parser("bench", help="load tests and benchmarks: kvserve bench --help", add_help=False)
     return parser
 
@@ -237,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         parser = _Parser(prog="kvserve generate", description="generate from one prompt without the server")
         add_generate_args(parser)
         return run_generate(parser.parse_args(argv[1:])) or 0
+    if argv[:1] == ["convert"]:
+        from model.convert.cli import add_convert_args, run_convert
+        parser = _Parser(prog="kvserve convert", description="distil a GQA/MQA variant of a checkpoint from it")
+        add_convert_args(parser)
+        return run_convert(parser.parse_args(argv[1:]))
 
     args = build_parser().parse_args(argv)
     from service.logs import configure_logging

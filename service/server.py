@@ -1,8 +1,9 @@
 """Serving: build one engine per attention variant, run uvicorn, drain on SIGTERM.
 
 `ServeOptions` is the frozen configuration the CLI builds; `build_state` loads the checkpoint once
-and derives each variant from it (weights that do not change are shared, not copied), giving each
-its own engine and KV pool of the same byte budget; `serve` runs the HTTP server until a signal.
+and derives each variant from it (weights that do not change are shared, not copied; a `NAME=DIR`
+variant takes only its K/V projections from the converted checkpoint DIR), giving each its own
+engine and KV pool of the same byte budget; `serve` runs the HTTP server until a signal.
 On SIGTERM / SIGINT the server keeps listening but admits nothing (503, /health 503), lets the
 in-flight requests finish within `shutdown_timeout`, aborts what is left, and returns 0. A second
 signal exits at once.
@@ -69,7 +70,7 @@ def build_state(opts: ServeOptions) -> ServerState:
     """Load the checkpoint once and build one started engine per variant. ValueError on bad options."""
     from model.chat_template import compile_chat_template
     from model.loader import load_base
-    from model.variants import with_variant
+    from model.variants import split_variant, with_converted_kv, with_variant
 
     template = None
     if opts.chat_template is not None:  # read and compiled first: a bad file fails before the slow load
@@ -94,8 +95,12 @@ def build_state(opts: ServeOptions) -> ServerState:
     metrics = ServerMetrics(model_name=name)
     engines: dict[str, Engine] = {}
     engine_config = dataclasses.replace(opts.engine, num_threads=plan.per_engine)
-    for variant in opts.variants:
-        model = base if variant == "native" else with_variant(base, variant)
+    for spec in opts.variants:
+        variant, path = split_variant(spec)  # NAME=DIR: a converted checkpoint's K/V, every other tensor shared
+        if path is not None:
+            model = with_converted_kv(base, path, variant)
+        else:
+            model = base if variant == "native" else with_variant(base, variant)
         engine = Engine(model, tokenizer, engine_config, name=variant, observer=metrics.observer(variant))
         cfg = model.config
         metrics.track(variant, engine.stats, {

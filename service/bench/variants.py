@@ -8,12 +8,16 @@ with every variant at once, output throughput at each `--concurrency` level and 
 highest. Writes a markdown table (stdout and DIR/variants.md) and a plot (DIR/variants.png).
 
 Variants with fewer K/V heads than the checkpoint are made by mean-pooling K/V heads without
-uptraining (GQA paper, section 3.1), so they lose quality; the report says by how much.
+uptraining (GQA paper, section 3.1), so they lose quality; the report says by how much. A
+`NAME=DIR` variant is a converted checkpoint (`kvserve convert`) served with the checkpoint's other
+tensors: its row carries the training budget recorded in DIR/kvserve_convert.json beside the
+mean-pooled perplexity at the same K/V head count, and the plot marks it apart.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import platform
 import shlex
@@ -46,19 +50,29 @@ class VariantRow:
     ppl_ratio: float = math.nan                     # perplexity / native perplexity
     throughput: dict[int, float] = field(default_factory=dict)   # concurrency -> output tok/s
     ttft_p50_ms: dict[int, float] = field(default_factory=dict)  # concurrency -> TTFT p50
+    path: str | None = None                         # a converted checkpoint directory (NAME=DIR)
+    record: dict = field(default_factory=dict)      # its kvserve_convert.json, when it has one
 
 
 def footprint(cfg, variant: str, dtype_bytes: int, budget: int, block_size: int, seq_len: int) -> VariantRow:
-    """The KV arithmetic of `variant` of a checkpoint with config `cfg`."""
+    """The KV arithmetic of `variant` (a variant name or NAME=DIR) of a checkpoint with config `cfg`."""
     from kvcache.kv_cache import KVLayout
-    from model.variants import parse_variant
+    from model.hf_loader import open_hf
+    from model.variants import parse_variant, split_variant
 
-    n_kv = parse_variant(variant, cfg.n_heads, cfg.n_kv_heads)
+    name, path = split_variant(variant)
+    record: dict = {}
+    if path is None:
+        n_kv = parse_variant(name, cfg.n_heads, cfg.n_kv_heads)
+    else:
+        n_kv = open_hf(path).config.n_kv_heads
+        record_file = Path(path) / "kvserve_convert.json"
+        record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
     layout = KVLayout(cfg.n_layers, n_kv, cfg.head_dim, dtype_bytes, block_size)
     usable_blocks = layout.num_blocks(budget)
     blocks_per_seq = -(-seq_len // block_size)
-    return VariantRow(variant, n_kv, layout.bytes_per_token, layout.capacity_tokens(budget),
-                      usable_blocks // blocks_per_seq)
+    return VariantRow(name, n_kv, layout.bytes_per_token, layout.capacity_tokens(budget),
+                      usable_blocks // blocks_per_seq, path=path, record=record)
 
 
 def held_text() -> str:
@@ -178,10 +192,13 @@ def _fmt(x: float, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def report(rows: list[VariantRow], args: argparse.Namespace, native_kv: int, native_ppl: float) -> str:
-    """The markdown report: settings, the table, and the plain statement on quality."""
+def report(rows: list[VariantRow], args: argparse.Namespace, native_kv: int, native_ppl: float,
+           mean_pool_ppl: dict[int, float]) -> str:
+    """The markdown report: settings, the table, and the plain statement on quality.
+
+    `mean_pool_ppl` maps a K/V head count to the perplexity of the mean-pooled variant with it."""
     levels = args.concurrency
-    native = next((r.variant for r in rows if r.n_kv_heads == native_kv), "native")
+    native = next((r.variant for r in rows if r.n_kv_heads == native_kv and r.path is None), "native")
     top = max(levels) if levels else None
     head = ["variant", "KV heads", "KV bytes/token", f"tokens @ {args.kv_budget}", f"{args.seq_len}-token seqs",
             "perplexity", "ppl / native"]
@@ -204,7 +221,9 @@ def report(rows: list[VariantRow], args: argparse.Namespace, native_kv: int, nat
               "checkpoint are made by mean-pooling its K/V heads without uptraining (Ainslie et al. 2023): "
               "they lose quality, which uptraining on ~5% of the pre-training compute would mostly recover."]
     for r in rows:
-        if r.n_kv_heads < native_kv:
+        if r.path is not None:
+            lines.append(_converted_line(r, mean_pool_ppl.get(r.n_kv_heads, math.nan)))
+        elif r.n_kv_heads < native_kv:
             verdict = "loses quality" if r.ppl_ratio > 1.0 else "shows no loss on this checkpoint"
             lines.append(f"- **{r.variant} {verdict}**: mean-pooled without uptraining, perplexity {r.perplexity:.3f} "
                          f"= {r.ppl_ratio:.2f}x native ({(r.ppl_ratio - 1) * 100:+.1f}%).")
@@ -214,26 +233,49 @@ def report(rows: list[VariantRow], args: argparse.Namespace, native_kv: int, nat
     return "\n".join(lines) + "\n"
 
 
+def _converted_line(r: VariantRow, mean_pool: float) -> str:
+    """The statement on a converted row: its perplexity against mean-pooling, and what making it cost."""
+    text = (f"- **{r.variant}** ({r.n_kv_heads} K/V heads) is the converted checkpoint `{r.path}`: perplexity "
+            f"{r.perplexity:.3f} = {r.ppl_ratio:.2f}x native, against {mean_pool:.3f} mean-pooled")
+    if not r.record:
+        return text + " (no kvserve_convert.json beside it: budget unknown)."
+    opts, budget, machine = r.record["options"], r.record["budget"], r.record.get("machine", {})
+    made = "initialised only" if budget["steps"] == 0 else (f"distilled {budget['steps']} steps = "
+                                                            f"{budget['tokens']:,} tokens")
+    return (text + f"; `--init {opts['init']}` ({budget['calibration_tokens']:,} calibration tokens), {made}, "
+            f"{budget['minutes']:.1f} min ({budget['fit_minutes']:.1f} of them the init) on "
+            f"{machine.get('cpus', '?')} CPUs ({machine.get('cpu_capability', '?')}), training `--train "
+            f"{opts['train']}` on standard-library docstrings.")
+
+
 def plot(rows: list[VariantRow], levels: list[int], path: Path) -> None:
     """Two panels sharing the footprint axis: perplexity, and output throughput per concurrency."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(rows, key=lambda r: r.bytes_per_token)
+    converted = [r for r in rows if r.path is not None]
+    rows = sorted((r for r in rows if r.path is None), key=lambda r: r.bytes_per_token)
     x = [r.bytes_per_token for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.scatter(x, [r.perplexity for r in rows], color="tab:red")
-    for r in rows:
+    ax1.scatter(x, [r.perplexity for r in rows], color="tab:red", label="as converted (mean-pool / repeat)")
+    if converted:
+        ax1.scatter([r.bytes_per_token for r in converted], [r.perplexity for r in converted], color="tab:green",
+                    marker="*", s=140, label="converted checkpoint (kvserve convert)")
+        ax1.legend(fontsize=8)
+    for r in rows + converted:
         ax1.annotate(r.variant, (r.bytes_per_token, r.perplexity), textcoords="offset points", xytext=(5, 5))
     ax1.set(xlabel="KV bytes per token", ylabel="perplexity (log scale, lower is better)", yscale="log",
             title="Footprint vs quality")
     for c in levels:
         ax2.plot(x, [r.throughput.get(c, math.nan) for r in rows], marker="o", label=f"concurrency {c}")
-    for r in rows:
+    for r in converted:
+        ax2.scatter([r.bytes_per_token] * len(levels), [r.throughput.get(c, math.nan) for c in levels],
+                    color="tab:green", marker="*", s=140, zorder=3)
+    for r in rows + converted:
         if levels:
             ax2.annotate(r.variant, (r.bytes_per_token, r.throughput.get(max(levels), math.nan)),
-                         textcoords="offset points", xytext=(5, 5))
+                         textcoords="offset points", xytext=(5, -12 if r.path else 5))
     ax2.set(xlabel="KV bytes per token", ylabel="output tokens/s", title="Footprint vs throughput")
     if levels:
         ax2.legend()
@@ -246,7 +288,8 @@ def plot(rows: list[VariantRow], levels: list[int], path: Path) -> None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny | PATH")
-    p.add_argument("--variants", default="mha,gqa-3,mqa", help="comma list of native, mha, gqa-N, mqa")
+    p.add_argument("--variants", default="mha,gqa-3,mqa",
+                   help="comma list of native, mha, gqa-N, mqa, or NAME=DIR for a converted checkpoint (kvserve convert)")
     p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_BYTES)],
                    help="KV / serving dtype; auto = what `kvserve serve --dtype auto` picks on this machine")
     p.add_argument("--kv-budget", default="1GiB", help="KV bytes per variant (footprint table and server)")
@@ -284,7 +327,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     for c in args.concurrency:
         _positive("concurrency", c)
     budget = parse_bytes(args.kv_budget)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]  # variant names or NAME=DIR
     if not names:
         raise ValueError("--variants is empty: give a comma list such as mha,gqa-3,mqa")
     out = Path(args.out)
@@ -294,7 +337,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     from model.dtypes import auto_dtype
     from model.loader import load_base
-    from model.variants import with_variant
+    from model.variants import with_converted_kv, with_variant
 
     if args.dtype == "auto":
         args.dtype = auto_dtype("cpu")
@@ -306,14 +349,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     rows = [footprint(cfg, v, DTYPE_BYTES[args.dtype], budget, args.block_size, args.seq_len) for v in names]
     ids = text_ids(tokenizer, args.ppl_tokens + 1)
     window = min(args.ppl_window, cfg.max_seq_len)
-    ppl_by_kv: dict[int, float] = {}  # variants with the same K/V head count are the same model
-    for variant, n_kv in [(r.variant, r.n_kv_heads) for r in rows] + [("native", cfg.n_kv_heads)]:
+    ppl_by_kv: dict[int, float] = {}  # variants (not converted ones) with the same K/V head count are the same model
+    head_counts = [r.n_kv_heads for r in rows] + [cfg.n_kv_heads]
+    for n_kv in head_counts:
         if n_kv not in ppl_by_kv:
+            variant = "native" if n_kv == cfg.n_kv_heads else f"gqa-{n_kv}"
             ppl_by_kv[n_kv] = perplexity(with_variant(base, variant), ids, window, max(1, window // 2))
             print(f"  {variant:>8} perplexity {ppl_by_kv[n_kv]:.3f}", file=sys.stderr)
     native_ppl = ppl_by_kv[cfg.n_kv_heads]
     for r in rows:
-        r.perplexity = ppl_by_kv[r.n_kv_heads]
+        if r.path is None:
+            r.perplexity = ppl_by_kv[r.n_kv_heads]
+        else:
+            r.perplexity = perplexity(with_converted_kv(base, r.path, r.variant), ids, window, max(1, window // 2))
+            print(f"  {r.variant:>8} perplexity {r.perplexity:.3f}", file=sys.stderr)
         r.ppl_ratio = r.perplexity / native_ppl
     del base
 
@@ -330,7 +379,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             if server is not None:
                 server.close()
 
-    text = report(rows, args, cfg.n_kv_heads, native_ppl)
+    text = report(rows, args, cfg.n_kv_heads, native_ppl, ppl_by_kv)
     (out / "variants.md").write_text(text, encoding="utf-8")
     plot(rows, args.concurrency, out / "variants.png")
     print(text)

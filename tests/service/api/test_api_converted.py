@@ -1,0 +1,104 @@
+"""Serving a converted checkpoint beside its base: `--variants native,mqa=DIR`.
+
+DIR is the tiny model's MQA variant with its K/V projections changed (as `kvserve convert` leaves
+them) written as a Hugging Face directory. The live server must route `tiny:mqa` to DIR's K/V
+(greedy text equal to DIR's own no-cache forward), export MQA's footprint for it, and share every
+other tensor; a directory that differs elsewhere, or whose name contradicts its head count, is a
+one-line start-up error.
+"""
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import PRESETS
+from model.hf_writer import save_hf_checkpoint
+from model.loader import load_model
+from model.tokenizer import byte_tokenizer
+from model.transformer import random_transformer
+from model.variants import with_variant
+from service import cli
+from service.engine.config import EngineConfig
+from service.server import ServeOptions, build_state
+from tests.reference import greedy_no_cache
+from tests.service.live_server import LiveServer
+
+BUDGET = 1 << 20
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory):
+    """The tiny model's (seed 0, what `--model tiny` serves) MQA variant with perturbed K/V."""
+    mqa = with_variant(random_transformer(PRESETS["tiny"], seed=0), "mqa")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in mqa.layers:
+            for proj in (layer.attention.wk, layer.attention.wv):
+                proj.weight.add_(0.3 * torch.randn(proj.weight.shape, generator=gen))
+    path = tmp_path_factory.mktemp("converted") / "tiny-mqa"
+    save_hf_checkpoint(mqa, byte_tokenizer(), path)
+    return path
+
+
+def test_live_server_serves_the_converted_kv_with_mqa_footprint(converted_dir):
+    own, tokenizer = load_model(converted_dir, progress=False)
+    prompt = tokenizer.encode("Shared weights, distilled keys.")
+    expected = tokenizer.decode(greedy_no_cache(own, prompt, 8)[0])
+    with LiveServer("--variants", f"native,mqa={converted_dir}", "--kv-cache-memory", "1MiB",
+                    "--block-size", str(BLOCK)) as server:
+        ids = [m["id"] for m in httpx.get(server.url("/v1/models")).json()["data"]]
+        assert ids == ["tiny:native", "tiny:mqa"]
+        body = {"model": "tiny:mqa", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        assert httpx.post(server.url("/v1/completions"), json=body, timeout=60).json()["choices"][0]["text"] == expected
+        cfg = PRESETS["tiny"]
+        for variant, n_kv in (("native", cfg.n_kv_heads), ("mqa", 1)):
+            bytes_per_token = 2 * cfg.n_layers * n_kv * cfg.head_dim * 4
+            assert server.metric("kvserve_kv_cache_bytes_per_token", variant=variant) == bytes_per_token
+            assert server.metric("kvserve_kv_cache_capacity_tokens", variant=variant) == \
+                BUDGET // (bytes_per_token * BLOCK) * BLOCK
+
+
+def test_only_kv_comes_from_the_directory(converted_dir):
+    state = build_state(ServeOptions(model="tiny", variants=("native", f"mqa={converted_dir}"), dtype="float32",
+                                     engine=EngineConfig(kv_cache_memory=BUDGET)))
+    native, mqa = (state.engines[v].model.state_dict() for v in ("native", "mqa"))
+    own, _ = load_model(converted_dir, progress=False)
+    for name, tensor in mqa.items():
+        if ".wk." in name or ".wv." in name:
+            assert torch.equal(tensor, own.state_dict()[name]), name
+        else:
+            assert tensor.data_ptr() == native[name].data_ptr(), name
+
+
+def _serve_error(capsys, variants: str) -> str:
+    try:
+        code = cli.main(["serve", "--model", "tiny", "--dtype", "float32", "--kv-cache-memory", "1MiB",
+                         "--variants", variants])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_a_directory_that_differs_beyond_kv_is_refused(converted_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in converted_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] += 1e-3
+    save_file(tensors, str(bad / "model.safetensors"))
+    err = _serve_error(capsys, f"native,mqa={bad}")
+    assert "tensor 'model.layers.1.mlp.up_proj.weight' differs from the served model's" in err
+    assert f"--model {bad}" in err
+
+
+def test_a_name_that_contradicts_the_head_count_is_refused(converted_dir, capsys):
+    err = _serve_error(capsys, f"native,mha={converted_dir}")
+    assert "has 1 K/V heads, not what 'mha' means" in err
+    assert "invalid variant 'native=" in _serve_error(capsys, f"native={converted_dir}")
