@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from model.attention import LOG2E, CausalBias, compute_dtype, flash_forward
+from model.flash_tiles import LOG2E, CausalBias, compute_dtype, flash_forward
 
 
 def _rows(x: Tensor, n_kv_heads: int, dtype: torch.dtype) -> Tensor:

@@ -24,15 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvcache.metadata import PagedMetadata
-from model.attention import (
-    DEFAULT_BLOCK_Q,
-    LOG2E,
-    CausalBias,
-    OnlineSoftmax,
-    compute_dtype,
-    naive_attention,
-    sdpa_attention,
-)
+from model.attention import naive_attention, sdpa_attention
+from model.flash_tiles import DEFAULT_BLOCK_Q, LOG2E, CausalBias, OnlineSoftmax, compute_dtype
 
 # Keys per tile: for 32 decoding sequences of SmolLM2 (3 K/V heads) one float32 K tile is 6 MB,
 # so K, V and the scores of a tile stay in this CPU's 32 MB L3 while the loop makes few torch calls.

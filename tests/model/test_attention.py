@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import model.attention as attention
+import model.flash_tiles as flash_tiles
 from model.attention import (
-    OnlineSoftmax,
     flash_attention,
     get_attention,
     naive_attention,
     sdpa_attention,
 )
+from model.flash_tiles import OnlineSoftmax
 
 HEADS = [(8, 8), (8, 2), (8, 1), (9, 3)]  # (Hq, Hkv): MHA, GQA, MQA, SmolLM2's GQA
 TK = 37  # not a multiple of any tile size used here
@@ -182,7 +182,7 @@ def test_online_softmax_folds_tiles_like_one_softmax():
                                 torch.empty(3, 6, 8, dtype=torch.float64))
     for lo, hi in [(0, 7), (7, 14), (14, 20)]:
         # OnlineSoftmax works in base 2: feed log2(e) * natural-log scores.
-        state.update(scores[..., lo:hi] * attention.LOG2E, values[:, lo:hi])
+        state.update(scores[..., lo:hi] * flash_tiles.LOG2E, values[:, lo:hi])
     out = torch.empty(3, 6, 8, dtype=torch.float64)
     state.result_into(out)
     torch.testing.assert_close(out, torch.softmax(scores, dim=-1) @ values, rtol=1e-12, atol=1e-12)

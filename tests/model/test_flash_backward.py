@@ -13,7 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import model.flash_backward as flash_backward
-from model.attention import LOG2E, flash_attention, flash_forward, naive_attention
+from model.attention import flash_attention, naive_attention
+from model.flash_tiles import LOG2E, flash_forward
 
 HEADS = [(2, 2), (4, 2), (3, 1)]  # MHA, GQA, MQA
 

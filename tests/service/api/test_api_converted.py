@@ -80,9 +80,10 @@ def _serve_error(capsys, variants: str) -> str:
     except SystemExit as exc:  # argparse's own errors
         code = exc.code
     assert code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err
+    lines = capsys.readouterr().err.strip().splitlines()  # start-up log lines, then the error
+    errors = [line for line in lines if line.startswith("kvserve serve: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    return errors[0]
 
 
 def test_a_directory_that_differs_beyond_kv_is_refused(converted_dir, tmp_path, capsys):
