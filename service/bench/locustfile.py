@@ -29,6 +29,7 @@ import json
 import os
 import time
 
+import gevent
 from locust import HttpUser, between, task
 
 from service.bench.client import ENDPOINTS, Target, chunk_text
@@ -111,7 +112,8 @@ class StreamingUser(HttpUser):
         self._fire("E2E", end - start, error)
         StreamingUser.finished += 1
         if MAX_REQUESTS is not None and StreamingUser.finished >= MAX_REQUESTS and self.environment.runner:
-            self.environment.runner.quit()
+            # from a greenlet of its own: quit() stops every user, this one included, before it ends the run
+            gevent.spawn(self.environment.runner.quit)
         if error is not None:
             return
         output_tokens = output_tokens or len(chunk_times)
