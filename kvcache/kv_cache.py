@@ -1,7 +1,8 @@
 """KV storage: the torch side of the paged cache, sized from a byte budget.
 
-K and V are one tensor each with a layer axis: (n_layers, num_blocks, block_size, n_kv_heads,
-head_dim), in the model's dtype and on its device. The byte budget buys whole data blocks; one
+K and V are one tensor each with a layer axis: (n_layers, num_blocks, n_kv_heads, block_size,
+head_dim), in the model's dtype and on its device: one K/V head's page is a contiguous slab, so
+attention gathers whole slabs into per-head contiguous keys (model/paged_plan.py). The byte budget buys whole data blocks; one
 more block, block 0, is the null block beside the budget: the block pool never hands it out and
 block tables are padded with it. So capacities compare exactly across variants: at a budget that
 is a multiple of MHA's block, MQA holds exactly n_heads times MHA's tokens.
@@ -68,7 +69,7 @@ class KVCache:
             )
         self.layout = layout
         self.num_blocks = num_blocks
-        shape = (layout.n_layers, num_blocks, layout.block_size, layout.n_kv_heads, layout.head_dim)
+        shape = (layout.n_layers, num_blocks, layout.n_kv_heads, layout.block_size, layout.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 

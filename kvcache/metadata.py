@@ -1,11 +1,11 @@
 """Paged attention metadata: where a ragged batch's tokens live in the KV cache.
 
-A step's batch is flat: N new tokens from S sequences, sequence s owning tokens
-query_start_loc[s]:query_start_loc[s+1]. Each new token's K/V is written at `slot_mapping`
-(block * block_size + offset); sequence s then attends over its first `context_lens[s]` tokens,
-found through `block_tables[s]` (padded with block 0, never read past context_lens). The host
-lists are kept beside the tensors so attention can plan its loops without device syncs.
-Only the runner builds this (from Python lists); the model reads it as an explicit argument.
+A step's batch is flat: N new tokens from S sequences in order, sequence s owning the next
+query_lens[s] of them. Each new token's K/V is written at `slot_mapping` (block * block_size +
+offset); sequence s then attends over its first `context_lens[s]` tokens, found through
+`block_tables[s]` (padded with block 0, never read past context_lens). The lengths stay host
+lists so the model plans the step (model/paged_plan.py) without device syncs. Only the runner
+builds this (from Python lists); the model reads it as an explicit argument.
 """
 from __future__ import annotations
 
@@ -20,17 +20,9 @@ class PagedMetadata:
     positions: Tensor        # (N,) absolute position of each new token
     slot_mapping: Tensor     # (N,) flat slot where each new token's K/V goes
     block_tables: Tensor     # (S, max_blocks) block ids per sequence, 0-padded
-    context_lens: Tensor     # (S,) tokens visible to each sequence after this step
-    query_start_loc: Tensor  # (S + 1,) offsets of each sequence's new tokens
     block_size: int
-    query_lens: list[int]
-    context_lens_host: list[int]
-    decode_seqs: Tensor      # (Sd,) sequences with exactly one new token, batched together
-    prefill_seqs: list[int]  # sequences with several new tokens, handled one by one
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
+    query_lens: list[int]    # (S,) new tokens per sequence
+    context_lens: list[int]  # (S,) tokens visible to each sequence after this step
 
     @classmethod
     def build(
@@ -50,14 +42,6 @@ class PagedMetadata:
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
         width = max(len(t) for t in block_tables)
         padded = [t + [0] * (width - len(t)) for t in block_tables]
-        starts = [0]
-        for q_len in query_lens:
-            starts.append(starts[-1] + q_len)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        return cls(
-            positions=as_long(positions), slot_mapping=as_long(slots), block_tables=as_long(padded),
-            context_lens=as_long(context_lens), query_start_loc=as_long(starts), block_size=block_size,
-            query_lens=list(query_lens), context_lens_host=list(context_lens),
-            decode_seqs=as_long([s for s, q in enumerate(query_lens) if q == 1]),
-            prefill_seqs=[s for s, q in enumerate(query_lens) if q > 1],
-        )
+        return cls(positions=as_long(positions), slot_mapping=as_long(slots), block_tables=as_long(padded),
+                   block_size=block_size, query_lens=list(query_lens), context_lens=list(context_lens))

@@ -1,13 +1,16 @@
-"""Load a llama.cpp GGUF checkpoint: config, dequantized tensors under our names, tokenizer.
+"""Load a llama.cpp GGUF checkpoint: config, tensors under our names, tokenizer.
 
-Read with the `gguf` package (GGUFReader) and dequantized with `gguf.quants.dequantize`: no
-hand-written block formats. Only the `llama` architecture (Llama, SmolLM, Mistral-as-llama) with
-a byte-level BPE ("gpt2") vocabulary is supported; anything else fails with a one-line error.
+Read with the `gguf` package (GGUFReader). Q4_1 and Q8_0 tensors stay quantized (their blocks
+become model.quantized.Q4Weight / Q8Weight, codes as stored); every other type is dequantized with
+`gguf.quants.dequantize` to float32. Only the `llama` architecture (Llama, SmolLM,
+Mistral-as-llama) with a byte-level BPE ("gpt2") vocabulary is supported; anything else fails
+with a one-line error.
 
 llama.cpp's converter permutes the rows of attn_q / attn_k (and their biases) so that its rotary
 kernel can rotate interleaved pairs; our network, like Hugging Face's, rotates halves. The
 permutation is undone per head exactly as transformers' GGUF loader does
-(`LlamaTensorProcessor._reverse_permute_weights`).
+(`LlamaTensorProcessor._reverse_permute_weights`); for quantized tensors it moves whole rows
+(codes and scales together), so it is exact there too.
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, pre_tokenizers
 from torch import Tensor
 from tqdm import tqdm
 
 from model.config import ModelConfig
+from model.quantized import WeightT, permute_weight_rows, q4_from_gguf, q8_from_gguf
 from model.tokenizer import HFTokenizer, bos_eos_post_processor, byte_level_bpe, bytes_to_unicode
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -64,13 +68,11 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 _MISSING = object()
 
 
-def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+def rotary_row_order(rows: int, n_heads: int) -> Tensor:
     """Undo llama.cpp's Q/K row permutation: per head, interleaved rotary pairs -> two halves.
-
-    w: (n_heads * head_dim, ...) as stored in the GGUF -> the same shape in Hugging Face order.
-    """
-    half = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    Returns, for each row in Hugging Face order, the GGUF row it comes from."""
+    half = rows // n_heads // 2
+    return torch.arange(rows).reshape(n_heads, half, 2).transpose(1, 2).reshape(rows)
 
 
 def our_tensor_name(gguf_name: str) -> str:
@@ -93,20 +95,28 @@ class GGUFCheckpoint:
     def field(self, key: str, default=_MISSING):
         return _read_field(self.reader, self.path, key, default)
 
-    def state_dict(self, dtype: torch.dtype = torch.float32, *, progress: bool = True) -> dict[str, Tensor]:
-        """Every tensor dequantized to `dtype`, under our names, Q/K rows in rotate-half order."""
+    def weights(self, *, progress: bool = True) -> dict[str, WeightT]:
+        """Every tensor under our names, Q/K rows in rotate-half order: Q4_1 / Q8_0 as their codes,
+        the rest dequantized to float32."""
         cfg = self.config
-        state = {}
-        for tensor in tqdm(self.reader.tensors, desc=f"dequantizing {self.path.name}", unit="tensor",
+        out: dict[str, WeightT] = {}
+        for tensor in tqdm(self.reader.tensors, desc=f"reading {self.path.name}", unit="tensor",
                            file=sys.stderr, disable=not progress, leave=False):
             name = our_tensor_name(tensor.name)
-            weights = dequantize(tensor.data, tensor.tensor_type)  # (rows, cols) float32, numpy order
+            shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims innermost first
+            weight: WeightT
+            if tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(shape) == 2:
+                weight = q4_from_gguf(tensor.data, *shape)
+            elif tensor.tensor_type == GGMLQuantizationType.Q8_0 and len(shape) == 2:
+                weight = q8_from_gguf(tensor.data, *shape)
+            else:  # (rows, cols) float32, numpy order
+                weight = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
             if ".attn_q." in tensor.name:
-                weights = unpermute_rotary_rows(weights, cfg.n_heads)
+                weight = permute_weight_rows(weight, rotary_row_order(shape[0], cfg.n_heads))
             elif ".attn_k." in tensor.name:
-                weights = unpermute_rotary_rows(weights, cfg.n_kv_heads)
-            state[name] = torch.from_numpy(np.array(weights, dtype=np.float32)).to(dtype)
-        return state
+                weight = permute_weight_rows(weight, rotary_row_order(shape[0], cfg.n_kv_heads))
+            out[name] = weight
+        return out
 
     def tokenizer(self) -> HFTokenizer:
         """The tokenizer described by the tokenizer.ggml.* metadata, with the file's chat template."""

@@ -105,7 +105,7 @@ def _eos_ids(*values) -> list[int]:
 
 @dataclass(slots=True)
 class HFCheckpoint:
-    """A checkpoint directory with its config read; tensors are read by `state_dict`."""
+    """A checkpoint directory with its config read; tensors are read by `weights`."""
 
     path: Path
     hf_config: dict
@@ -126,12 +126,11 @@ class HFCheckpoint:
                 where.update(dict.fromkeys(f.keys(), file))
         return where
 
-    def state_dict(self, dtype: torch.dtype = torch.float32, *, progress: bool = True) -> dict[str, Tensor]:
-        """Our parameters in `dtype`, checked for presence and shape against the config."""
-        from model.transformer import Transformer
+    def weights(self, dtype: torch.dtype = torch.float32, *, progress: bool = True) -> dict[str, Tensor]:
+        """Our tensors in `dtype`, checked for presence and shape against the config."""
+        from model.transformer import checkpoint_shapes
 
-        with torch.device("meta"):
-            expected = {name: tuple(p.shape) for name, p in Transformer(self.config).named_parameters()}
+        expected = checkpoint_shapes(self.config)
         files = self._tensor_files()
         wanted: dict[Path, list[str]] = {}
         for ours in expected:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import Tensor
 
 from model.config import ModelConfig
 from model.hf_loader import hf_tensor_name
+from model.quantized import dequantize
 from model.tokenizer import HFTokenizer
-from model.transformer import Transformer
+from model.transformer import Transformer, checkpoint_weights
 
 
 def hf_config(cfg: ModelConfig, tokenizer: HFTokenizer, dtype: torch.dtype, base: dict | None = None) -> dict:
@@ -55,8 +57,9 @@ def save_hf_checkpoint(model: Transformer, tokenizer: HFTokenizer, path: str | P
     path = Path(path)
     path.mkdir(parents=True)
     cfg = model.config
-    tensors = {hf_tensor_name(name): tensor.detach().contiguous()
-               for name, tensor in model.state_dict().items()}
+    # copies: the parts of a fused projection are views of one tensor, which safetensors refuses
+    tensors = {hf_tensor_name(name): dequantize(w).to(model.dtype) if not isinstance(w, Tensor) else w.detach().clone()
+               for name, w in checkpoint_weights(model).items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     files = {
         "config.json": hf_config(cfg, tokenizer, model.dtype, base_config),

@@ -3,10 +3,15 @@
 Two forwards share every layer:
 - `forward(input_ids[B, T])` with no cache: the reference path (tests, perplexity, `generate`).
 - `forward(input_ids[N], kv_cache=..., meta=...)`: a flat ragged batch of new tokens from several
-  sequences; each layer writes its K/V into the paged cache and attends over the pages. The cache
-  metadata is an explicit argument, never a global.
-Weights are named after Meta's Llama (wq/wk/wv/wo, w1 gate, w2 down, w3 up); loaders map to them.
-Rotary embedding uses the "rotate half" layout of Hugging Face checkpoints.
+  sequences; the step is planned once (model/paged_plan.py: indices, masks, rotary rows) and each
+  layer writes its K/V into the paged cache and attends over the pages. The cache metadata is an
+  explicit argument, never a global.
+Checkpoint tensors are named after Meta's Llama (wq/wk/wv/wo, w1 gate, w2 down, w3 up; see
+`checkpoint_shapes`); the network fuses K with V and gate with up (`wkv`, `w13`: one matmul
+each), and keeps Q apart (`wq`), so an attention variant changes exactly one module per layer
+(`wkv`) and shares the rest. Each projection is a `model.linear.Linear` whose weight forms
+`--quantization` picks (model/quantization.py); `checkpoint_weights` gives a built model's
+tensors back under the checkpoint's names. Rotary embedding uses the "rotate half" layout of Hugging Face checkpoints.
 """
 from __future__ import annotations
 
@@ -18,102 +23,101 @@ from torch import Tensor, nn
 
 from model.attention import get_attention
 from model.config import ModelConfig
+from model.linear import Embedding, Linear
 from model.paged_attention import PAGED_ATTENTION_IMPLS, write_kv
+from model.paged_plan import DEFAULT_DECODE_TILE_TOKENS, PagedPlan
+from model.quantized import WeightT, weight_rows
+from model.weight_forms import DenseForm
 
 if TYPE_CHECKING:
     from kvcache.kv_cache import KVCache
     from kvcache.metadata import PagedMetadata
 
+# Decode key tile per paged attention: flash tiles long contexts; the references take each whole.
+DECODE_TILE_TOKENS: dict[str, int | None] = {"flash": DEFAULT_DECODE_TILE_TOKENS, "sdpa": None, "naive": None}
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, weight: Tensor, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (max_seq_len, head_dim), float32, "rotate half" layout."""
+    """cos and signed sin of shape (max_seq_len, head_dim), float32, "rotate half" layout: the
+    sin's first half is negated, so rotating is x * cos + roll(x, D/2) * sin (see apply_rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     freqs = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs, freqs), dim=-1).sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (..., T, H, D); cos/sin (..., T, 1, D) already in x's dtype."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x (..., T, H, D); cos / signed sin (..., T, 1, D). Rotate half: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, wq: Linear, wkv: Linear, wo: Linear):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq, self.wkv, self.wo = wq, wkv, wo  # wkv: 2 Hkv * D rows, K then V
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (..., T, dim) -> q (..., T, Hq, D), k and v (..., T, Hkv, D), rotary applied."""
-        lead = x.shape[:-1]
-        q = self.wq(x).view(*lead, self.n_heads, self.head_dim)
-        k = self.wk(x).view(*lead, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(*lead, self.n_kv_heads, self.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        """x (..., T, dim) -> q (..., T, Hq, D), k and v (..., T, Hkv, D), rotary applied to q and k."""
+        Hkv, D = self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(*x.shape[:-1], self.n_heads, D)
+        kv = self.wkv(x).view(*x.shape[:-1], 2 * Hkv, D)
+        return apply_rope(q, cos, sin), apply_rope(kv[..., :Hkv, :], cos, sin), kv[..., Hkv:, :]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_name: str) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)  # (B, T, H, D)
+        v = v.to(q.dtype)
         out = get_attention(attn_name)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, attn_name: str,
-                      k_cache: Tensor, v_cache: Tensor, meta: PagedMetadata) -> Tensor:
-        q, k, v = self._qkv(x, cos, sin)  # (N, H, D)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = PAGED_ATTENTION_IMPLS[attn_name](q, k_cache, v_cache, meta)
+    def forward_paged(self, x: Tensor, plan: PagedPlan, attn_name: str, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        q, k, v = self._qkv(x, plan.cos, plan.sin)  # (N, H, D)
+        write_kv(k_cache, v_cache, k, v, plan)
+        out = PAGED_ATTENTION_IMPLS[attn_name](q, k_cache, v_cache, plan)
         return self.wo(out.reshape(x.shape[0], -1))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, w13: Linear, w2: Linear):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w13, self.w2 = w13, w2  # gate rows, then up rows; down
+        self.ffn_dim = w2.in_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, attention_norm: RMSNorm, attention: Attention, ffn_norm: RMSNorm, feed_forward: FeedForward):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.attention_norm, self.attention = attention_norm, attention
+        self.ffn_norm, self.feed_forward = ffn_norm, feed_forward
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: str = "flash"):
+    def __init__(self, cfg: ModelConfig, *, embedding: Embedding, layers: list[Block], norm: RMSNorm,
+                 output: Linear, attention: str = "flash", weights: str = "dense"):
         super().__init__()
         get_attention(attention)  # fail early on a bad name
         self.config = cfg
         self.attention = attention
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.tok_embeddings = embedding
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.output = output  # the LM head; for tied embeddings built from the embedding's weight
+        self.weights = weights  # which weight forms run, in words (model/quantization.py)
+        self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=embedding.device)
 
     @property
     def blocks(self) -> list[Block]:
@@ -126,30 +130,32 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
+        return self.tok_embeddings.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
+        return self.tok_embeddings.dtype
 
-    def _apply(self, fn, recurse=True):  # keep the float32 rope tables on the weights' device
-        super()._apply(fn, recurse)
-        if self.rope_cos.device != self.device:
-            self.rope_cos, self.rope_sin = self.rope_cos.to(self.device), self.rope_sin.to(self.device)
-        return self
+    def linears(self) -> list[Linear]:
+        """Every projection of the body (not the LM head), layer by layer."""
+        return [m for layer in self.blocks for m in (layer.attention.wq, layer.attention.wkv, layer.attention.wo,
+                                                      layer.feed_forward.w13, layer.feed_forward.w2)]
 
-    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        if int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} beyond max_seq_len={self.config.max_seq_len}")
+    def _rope(self, positions: Tensor, max_position: int) -> tuple[Tensor, Tensor]:
+        if max_position >= self.config.max_seq_len:
+            raise ValueError(f"position {max_position} beyond max_seq_len={self.config.max_seq_len}")
         cos = self.rope_cos[positions].to(self.dtype).unsqueeze(-2)  # (..., T, 1, D)
         sin = self.rope_sin[positions].to(self.dtype).unsqueeze(-2)
         return cos, sin
 
     def _logits(self, h: Tensor) -> Tensor:
-        h = self.norm(h)
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return self.output(h)
+        return self.output(self.norm(h))
+
+    def plan(self, meta: PagedMetadata) -> PagedPlan:
+        """Everything the layers need from the step's batch, built once for all of them."""
+        cfg = self.config
+        return PagedPlan.build(meta, n_kv_heads=cfg.n_kv_heads, group=cfg.group_size, dtype=self.dtype,
+                               rope=(self.rope_cos, self.rope_sin), decode_tile_tokens=DECODE_TILE_TOKENS[self.attention])
 
     def forward(self, input_ids: Tensor, kv_cache: KVCache | None = None, meta: PagedMetadata | None = None,
                 logits_indices: Tensor | None = None) -> Tensor:
@@ -162,19 +168,18 @@ class Transformer(nn.Module):
             return self._forward_dense(input_ids)
         if meta is None:
             raise ValueError("a paged forward needs its PagedMetadata")
-        cos, sin = self._rope(meta.positions)
+        plan = self.plan(meta)
         h = self.tok_embeddings(input_ids)  # (N, dim)
         for i, layer in enumerate(self.blocks):
-            h = h + layer.attention.forward_paged(layer.attention_norm(h), cos, sin, self.attention,
-                                                  kv_cache.k[i], kv_cache.v[i], meta)
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+            h += layer.attention.forward_paged(layer.attention_norm(h), plan, self.attention, kv_cache.k[i], kv_cache.v[i])
+            h += layer.feed_forward(layer.ffn_norm(h))
         if logits_indices is not None:
             h = h[logits_indices]
         return self._logits(h)
 
     def _forward_dense(self, input_ids: Tensor) -> Tensor:
         T = input_ids.shape[1]
-        cos, sin = self._rope(torch.arange(T, device=input_ids.device))
+        cos, sin = self._rope(torch.arange(T, device=input_ids.device), T - 1)
         h = self.tok_embeddings(input_ids)  # (B, T, dim)
         for layer in self.blocks:
             h = h + layer.attention(layer.attention_norm(h), cos, sin, self.attention)
@@ -182,40 +187,124 @@ class Transformer(nn.Module):
         return self._logits(h)
 
 
-def build_transformer(cfg: ModelConfig, state_dict: dict[str, Tensor], attention: str = "flash") -> Transformer:
-    """A Transformer that uses the given tensors as its parameters (shared, not copied).
+def checkpoint_weights(model: Transformer) -> dict[str, WeightT]:
+    """The model's tensors under the checkpoint's (Llama) names, as its weight forms hold them
+    (dense in the model's dtype, or quantized codes): fused projections are cut back into their
+    parts, as views of the fused weight. The inverse of `build_transformer`."""
+    cfg = model.config
+    kv, ffn = cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    out: dict[str, WeightT] = {"tok_embeddings.weight": model.tok_embeddings.weight, "norm.weight": model.norm.weight}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = model.output.source
+    for i, layer in enumerate(model.blocks):
+        p, attn, mlp = f"layers.{i}.", layer.attention, layer.feed_forward
+        out |= {p + "attention_norm.weight": layer.attention_norm.weight, p + "ffn_norm.weight": layer.ffn_norm.weight,
+                p + "attention.wq.weight": attn.wq.source, p + "attention.wo.weight": attn.wo.source,
+                p + "attention.wk.weight": weight_rows(attn.wkv.source, 0, kv),
+                p + "attention.wv.weight": weight_rows(attn.wkv.source, kv, 2 * kv),
+                p + "feed_forward.w1.weight": weight_rows(mlp.w13.source, 0, ffn),
+                p + "feed_forward.w3.weight": weight_rows(mlp.w13.source, ffn, 2 * ffn),
+                p + "feed_forward.w2.weight": mlp.w2.source}
+        if cfg.qkv_bias:
+            assert attn.wq.bias is not None and attn.wkv.bias is not None
+            out |= {p + "attention.wq.bias": attn.wq.bias, p + "attention.wk.bias": attn.wkv.bias[:kv],
+                    p + "attention.wv.bias": attn.wkv.bias[kv:]}
+    return out
 
-    Every parameter must be present with its exact shape; the error names the first that is not.
-    """
-    with torch.device("meta"):
-        model = Transformer(cfg, attention)
-    expected = {name: p.shape for name, p in model.named_parameters()}
+
+def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint gives the network, by our (Llama) name, with its shape, in the
+    network's order (which `random_weights` draws them in)."""
+    D, q_rows, kv_rows = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, D)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (D,)
+        for name, rows in (("wq", q_rows), ("wk", kv_rows), ("wv", kv_rows)):
+            shapes[p + f"attention.{name}.weight"] = (rows, D)
+            if cfg.qkv_bias:
+                shapes[p + f"attention.{name}.bias"] = (rows,)
+        shapes |= {p + "attention.wo.weight": (D, q_rows), p + "ffn_norm.weight": (D,),
+                   p + "feed_forward.w1.weight": (cfg.ffn_dim, D), p + "feed_forward.w2.weight": (D, cfg.ffn_dim),
+                   p + "feed_forward.w3.weight": (cfg.ffn_dim, D)}
+    shapes["norm.weight"] = (D,)
+    if not cfg.tie_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, D)
+    return shapes
+
+
+def check_weights(cfg: ModelConfig, weights: dict[str, WeightT]) -> None:
+    """Every tensor present with its exact shape, nothing extra; the error names the first that is not."""
+    expected = checkpoint_shapes(cfg)
     for name, shape in expected.items():
-        if name not in state_dict:
-            raise ValueError(f"missing tensor {name!r} (expected shape {tuple(shape)})")
-        if tuple(state_dict[name].shape) != tuple(shape):
-            raise ValueError(f"tensor {name!r} has shape {tuple(state_dict[name].shape)}, expected {tuple(shape)}")
-    unexpected = sorted(set(state_dict) - set(expected))
+        if name not in weights:
+            raise ValueError(f"missing tensor {name!r} (expected shape {shape})")
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(weights[name].shape)}, expected {shape}")
+    unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         raise ValueError(f"unexpected tensors: {', '.join(unexpected[:5])}")
-    model.load_state_dict(state_dict, assign=True)
-    device = next(iter(state_dict.values())).device
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+
+
+def build_transformer(cfg: ModelConfig, weights: dict[str, WeightT], *, attention: str = "flash",
+                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                      quantization: str = "none", crossover: int | None = None) -> Transformer:
+    """A Transformer running `weights` (dense tensors or model.quantized weights) as
+    `quantization` says (model/quantization.py; `crossover` pins auto's batch size where the
+    quantized forms hand over). Dense tensors already in `dtype` on `device` are shared where a
+    form uses them as they are."""
+    from model.quantization import resolve_policy
+
+    check_weights(cfg, weights)
+    policy = resolve_policy(quantization, device, dtype, weights, crossover)
+
+    def dense(name: str) -> Tensor:
+        w = weights[name]
+        assert isinstance(w, Tensor), name
+        return w.to(device, dtype)
+
+    layers = []
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        q_bias = kv_bias = None
+        if cfg.qkv_bias:
+            q_bias = dense(p + "attention.wq.bias")
+            kv_bias = torch.cat([dense(p + f"attention.w{x}.bias") for x in "kv"])
+        wq = policy.linear([weights[p + "attention.wq.weight"]], dtype, bias=q_bias)
+        wkv = policy.linear([weights[p + f"attention.w{x}.weight"] for x in "kv"], dtype, bias=kv_bias)
+        wo = policy.linear([weights[p + "attention.wo.weight"]], dtype)
+        w13 = policy.linear([weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w3.weight"]], dtype)
+        w2 = policy.linear([weights[p + "feed_forward.w2.weight"]], dtype)
+        layers.append(Block(RMSNorm(dense(p + "attention_norm.weight"), cfg.norm_eps), Attention(cfg, wq, wkv, wo),
+                            RMSNorm(dense(p + "ffn_norm.weight"), cfg.norm_eps), FeedForward(w13, w2)))
+    embedding = policy.embedding(weights["tok_embeddings.weight"], dtype)
+    head = weights["tok_embeddings.weight" if cfg.tie_embeddings else "output.weight"]
+    output = policy.linear([head], dtype, head=True)
+    if cfg.tie_embeddings and isinstance(output.small, DenseForm) and output.large is output.small \
+            and isinstance(embedding.weight, Tensor) and output.small.weight.dtype == embedding.weight.dtype:
+        output.small.weight = output.small.source = output.weight = embedding.weight  # one parameter: the tie
+    model = Transformer(cfg, embedding=embedding, layers=layers, norm=RMSNorm(dense("norm.weight"), cfg.norm_eps),
+                        output=output, attention=attention)
+    model.weights = policy.set_crossovers(model.linears(), model.output)
     return model.eval().requires_grad_(False)
 
 
 def random_transformer(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                       attention: str = "flash") -> Transformer:
-    """Random weights (unit-variance activations, norms near 1): what the tests' tiny models are."""
+                       attention: str = "flash", quantization: str = "none") -> Transformer:
+    """A model of random weights: what the tests' tiny models are."""
+    return build_transformer(cfg, random_weights(cfg, seed=seed), attention=attention, dtype=dtype,
+                             quantization=quantization)
+
+
+def random_weights(cfg: ModelConfig, *, seed: int = 0) -> dict[str, WeightT]:
+    """Random float32 checkpoint tensors (unit-variance activations, norms near 1)."""
     gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {n: p.shape for n, p in Transformer(cfg, attention).named_parameters()}
-    state = {}
-    for name, shape in shapes.items():
+    weights: dict[str, WeightT] = {}
+    for name, shape in checkpoint_shapes(cfg).items():
         if name.endswith("norm.weight"):
-            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            weights[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         elif name.endswith("bias") or name == "tok_embeddings.weight":
-            state[name] = torch.randn(shape, generator=gen) * (0.1 if name.endswith("bias") else 1.0)
+            weights[name] = torch.randn(shape, generator=gen) * (0.1 if name.endswith("bias") else 1.0)
         else:
-            state[name] = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
-    return build_transformer(cfg, {k: v.to(dtype) for k, v in state.items()}, attention)
+            weights[name] = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+    return weights

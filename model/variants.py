@@ -3,7 +3,10 @@
 `variant` names: `native` (as stored), `mha` (n_kv_heads = n_heads), `gqa-N` (N K/V heads),
 `mqa` (one). Going to fewer K/V heads mean-pools the K and V projection heads of each group
 (Ainslie et al. 2023, "GQA", section 3.1); without uptraining this loses quality. Going to more
-repeats each head (exact: the logits do not change). Every other tensor is shared, not copied.
+repeats each head (exact: the logits do not change). A variant differs from its model in one
+module per layer, the fused K/V projection (`wkv`); every other module is shared, not copied.
+Quantized K/V weights are dequantized, regrouped and quantized again in the same kind (a
+converted variant is approximate anyway); dense ones stay exact.
 
 A variant can also come from a converted checkpoint directory (`kvserve convert` distils one that
 keeps its quality): `with_converted_kv` takes its K/V projections and shares the rest with the
@@ -12,13 +15,21 @@ served model, after checking that the rest is the same.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from model.config import ModelConfig, valid_kv_heads
+from model.linear import Linear
+from model.quantized import Int8Weight, Q4Weight, WeightT, cat_rows, dequantize, quantize_int8_rows, quantize_q4, weight_rows
+
+if TYPE_CHECKING:
+    from model.transformer import Transformer
 
 KV_TENSORS = ("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")
 
@@ -56,37 +67,68 @@ def _regroup_heads(w: Tensor, n_from: int, n_to: int) -> Tensor:
     return heads.reshape(n_to * head_dim, *w.shape[1:])
 
 
-def convert_state_dict(cfg: ModelConfig, state: dict[str, Tensor], n_kv_heads: int) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """The config and tensors of the same checkpoint with `n_kv_heads` K/V heads.
+def regroup_kv(w: Tensor, cfg: ModelConfig, n_kv_heads: int) -> Tensor:
+    """One K or V projection (or bias) with its heads regrouped to n_kv_heads. Converting between
+    two counts where neither divides the other goes through MHA, which is exact in one direction
+    and the mean-pool of the original groups in the other."""
+    if n_kv_heads % cfg.n_kv_heads and cfg.n_kv_heads % n_kv_heads:
+        return _regroup_heads(_regroup_heads(w, cfg.n_kv_heads, cfg.n_heads), cfg.n_heads, n_kv_heads)
+    return _regroup_heads(w, cfg.n_kv_heads, n_kv_heads)
 
-    Converting between two counts where neither divides the other goes through MHA, which is
-    exact in one direction and the mean-pool of the original groups in the other.
-    """
-    new_cfg = cfg.with_kv_heads(n_kv_heads)
-    if n_kv_heads == cfg.n_kv_heads:
-        return new_cfg, dict(state)
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith(KV_TENSORS):
-            if n_kv_heads % cfg.n_kv_heads and cfg.n_kv_heads % n_kv_heads:
-                tensor = _regroup_heads(tensor, cfg.n_kv_heads, cfg.n_heads)
-                out[name] = _regroup_heads(tensor, cfg.n_heads, n_kv_heads)
-            else:
-                out[name] = _regroup_heads(tensor, cfg.n_kv_heads, n_kv_heads)
-        else:
-            out[name] = tensor
-    return new_cfg, out
+
+def _requantize_like(like: WeightT, dense: Tensor) -> WeightT:
+    """`dense` (float32) in the kind of checkpoint weight `like` is."""
+    if isinstance(like, Q4Weight):
+        return quantize_q4(dense)
+    if isinstance(like, Int8Weight):
+        return quantize_int8_rows(dense)
+    assert isinstance(like, Tensor), type(like).__name__
+    return dense.to(like.dtype)
+
+
+def _convert_kv(w: WeightT, cfg: ModelConfig, n_kv_heads: int) -> WeightT:
+    """A fused K/V weight (K rows, then V rows) with both halves regrouped to n_kv_heads."""
+    rows = cfg.n_kv_heads * cfg.head_dim
+    if isinstance(w, Tensor):  # dense: exact, in its own dtype
+        return torch.cat([regroup_kv(w[s:s + rows], cfg, n_kv_heads) for s in (0, rows)])
+    return cat_rows([_requantize_like(w, regroup_kv(dequantize(weight_rows(w, s, s + rows)), cfg, n_kv_heads))
+                     for s in (0, rows)])
+
+
+def _in_kind_of(like: WeightT, dense: Tensor) -> WeightT:
+    """`dense` as it is for a dense form, quantized again like `like` for a quantized one."""
+    return dense if isinstance(like, Tensor) else _requantize_like(like, dense.float())
+
+
+def _with_forms_of(linear: Linear, convert: Callable[[WeightT], WeightT], bias: Tensor | None) -> Linear:
+    """A Linear with each of `linear`'s forms rebuilt, in its own kind, from `convert(its source)`."""
+    forms = {id(form): type(form)(convert(form.source)) for form in linear.forms}  # type: ignore[call-arg]
+    return Linear(forms[id(linear.small)], forms[id(linear.large)], crossover=linear.crossover, bias=bias)
+
+
+def _with_wkv(model: Transformer, cfg: ModelConfig, wkvs: list[Linear]) -> Transformer:
+    """`model` with config `cfg` and the K/V projections `wkvs`, sharing every other module."""
+    from model.transformer import Attention, Block, Transformer
+
+    layers = [Block(layer.attention_norm, Attention(cfg, layer.attention.wq, wkv, layer.attention.wo),
+                    layer.ffn_norm, layer.feed_forward) for layer, wkv in zip(model.blocks, wkvs)]
+    return Transformer(cfg, embedding=model.tok_embeddings, layers=layers, norm=model.norm, output=model.output,
+                       attention=model.attention, weights=model.weights).eval()
 
 
 @torch.no_grad()
-def with_variant(model, variant: str):
-    """A model of `variant` built from `model`: shares every tensor the variant does not change."""
-    from model.transformer import build_transformer
-
+def with_variant(model: Transformer, variant: str) -> Transformer:
+    """A model of `variant` built from `model`: shares every module but the K/V projections."""
     cfg = model.config
     n_kv = parse_variant(variant, cfg.n_heads, cfg.n_kv_heads)
-    new_cfg, state = convert_state_dict(cfg, dict(model.state_dict(keep_vars=False)), n_kv)
-    return build_transformer(new_cfg, state, model.attention)
+    if n_kv == cfg.n_kv_heads:
+        return model
+    wkvs = []
+    for layer in model.blocks:
+        wkv = layer.attention.wkv
+        bias = None if wkv.bias is None else torch.cat([regroup_kv(half, cfg, n_kv) for half in wkv.bias.data.chunk(2)])
+        wkvs.append(_with_forms_of(wkv, lambda w: _convert_kv(w.data if isinstance(w, Tensor) else w, cfg, n_kv), bias))
+    return _with_wkv(model, cfg.with_kv_heads(n_kv), wkvs)
 
 
 def split_variant(spec: str) -> tuple[str, str | None]:
@@ -95,22 +137,18 @@ def split_variant(spec: str) -> tuple[str, str | None]:
     return (name, path) if sep else (spec, None)
 
 
-def _is_kv(name: str) -> bool:
-    return name.endswith(KV_TENSORS)
-
-
 @torch.no_grad()
-def with_converted_kv(model, path: str | Path, name: str):
+def with_converted_kv(model: Transformer, path: str | Path, name: str) -> Transformer:
     """`model` with the K/V projections of the checkpoint directory `path` (e.g. written by
-    `kvserve convert`), sharing every other tensor with `model`.
+    `kvserve convert`), sharing every other module with `model`.
 
     The directory must be the same network with another K/V head count and, but for its K/V
-    projections, the same tensors (compared exactly in `model`'s dtype); a `name` that is a
-    variant word (mha, mqa, gqa-N) must match its K/V head count. ValueError otherwise, naming
-    the first difference.
+    projections, the same tensors (compared exactly, dequantized, in `model`'s dtype); a `name`
+    that is a variant word (mha, mqa, gqa-N) must match its K/V head count. ValueError otherwise,
+    naming the first difference. The K/V weights run in the kind of form the served model's do.
     """
     from model.hf_loader import hf_tensor_name, open_hf
-    from model.transformer import build_transformer
+    from model.transformer import checkpoint_weights
 
     checkpoint = open_hf(path)
     cfg, base_cfg = checkpoint.config, model.config
@@ -121,11 +159,20 @@ def with_converted_kv(model, path: str | Path, name: str):
     if re.fullmatch(r"mha|mqa|gqa-[0-9]+", name) and parse_variant(name, cfg.n_heads, base_cfg.n_kv_heads) != cfg.n_kv_heads:
         raise ValueError(f"variant {name}={path}: the checkpoint has {cfg.n_kv_heads} K/V heads, not what "
                          f"{name!r} means; name it after its head count or give it another name")
-    theirs = checkpoint.state_dict(model.dtype, progress=False)
-    ours = dict(model.state_dict())
+    theirs = checkpoint.weights(model.dtype, progress=False)
+    ours = checkpoint_weights(model)
     for tensor_name, tensor in theirs.items():
-        if not _is_kv(tensor_name) and not torch.equal(tensor.to(model.device), ours[tensor_name]):
+        if tensor_name.endswith(KV_TENSORS):
+            continue
+        mine = ours[tensor_name]
+        mine = mine if isinstance(mine, Tensor) else dequantize(mine).to(model.dtype)
+        if not torch.equal(tensor.to(model.device), mine):
             raise ValueError(f"variant {name}={path}: tensor {hf_tensor_name(tensor_name)!r} differs from the served "
                              f"model's; only K/V projections may differ (serve it on its own: --model {path})")
-    state = {n: theirs[n].to(model.device) if _is_kv(n) else t for n, t in ours.items()}
-    return build_transformer(cfg, state, model.attention)
+    wkvs = []
+    for i, layer in enumerate(model.blocks):
+        p, wkv = f"layers.{i}.attention.", layer.attention.wkv
+        weight = torch.cat([theirs[p + "wk.weight"], theirs[p + "wv.weight"]]).to(model.device)
+        bias = torch.cat([theirs[p + "wk.bias"], theirs[p + "wv.bias"]]).to(model.device) if cfg.qkv_bias else None
+        wkvs.append(_with_forms_of(wkv, partial(_in_kind_of, dense=weight), bias))
+    return _with_wkv(model, cfg, wkvs)

@@ -99,6 +99,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=("flash", "sdpa", "naive"), default="flash")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 where the CPU (AVX-512/AMX with bf16) or GPU does it well, else float32")
+    p.add_argument("--quantization", choices=("auto", "none", "q4", "int8", "fp16"), default="auto",
+                   help="weight forms: auto (CPU: a GGUF's own Q4_1/Q8_0 codes for small batches, the faster of "
+                   "dense and fp16 for large ones; CUDA: none), none (dense), q4, int8, fp16; see README")
+    p.add_argument("--quantization-crossover", type=_int_at_least(0), default=None, metavar="ROWS",
+                   help="with auto: batches of up to ROWS tokens use the quantized weights (default: measured at load)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--kv-cache-memory", type=_size, default=_size("1GiB"), help="KV pool per variant, e.g. 512MiB")
     p.add_argument("--block-size", type=_int_at_least(1), default=16)
@@ -214,7 +219,8 @@ def serve_options(args: argparse.Namespace):
                     max_response_tokens=args.max_response_tokens)
     return ServeOptions(
         model=args.model, variants=tuple(args.variants), attention=args.attention,
-        dtype=auto_dtype(args.device) if args.dtype == "auto" else args.dtype, device=args.device, engine=engine,
+        dtype=auto_dtype(args.device) if args.dtype == "auto" else args.dtype, device=args.device,
+        quantization=args.quantization, quantization_crossover=args.quantization_crossover, engine=engine,
         limits=limits, prefix_cache_scope=args.prefix_cache_scope,
         read_timeout=args.read_timeout, keep_alive_timeout=args.keep_alive_timeout,
         api_key=args.api_key or None, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,

@@ -10,6 +10,7 @@ import sys
 
 from model.attention import ATTENTION_IMPLS
 from model.dtypes import DTYPES
+from model.quantization import QUANTIZATIONS
 
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,8 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
     parser.add_argument("--attention", default="flash", choices=list(ATTENTION_IMPLS), help="(default: flash)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="(default: float32)")
+    parser.add_argument("--quantization", default="auto", choices=list(QUANTIZATIONS),
+                        help="weight forms, as kvserve serve's (default: auto)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
 
@@ -41,6 +44,7 @@ def run_generate(args: argparse.Namespace) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
         model, tokenizer = load_model(args.model, variant=args.variant, dtype=args.dtype, device=args.device,
+                                      quantization=args.quantization,
                                       attention=args.attention, progress=not args.no_progress)
         with LLM(model, tokenizer) as llm:
             if args.chat:

@@ -39,6 +39,8 @@ class ServeOptions:
     attention: str = "flash"
     dtype: str = "float32"           # resolved: float32 | bfloat16
     device: str = "cpu"
+    quantization: str = "auto"       # auto | none | q4 | int8 | fp16 (model/quantization.py)
+    quantization_crossover: int | None = None  # rows; None: measured at load
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
     prefix_cache_scope: str = "global"   # or "api-key"
@@ -88,6 +90,7 @@ def build_state(opts: ServeOptions) -> ServerState:
     dtype = getattr(torch, opts.dtype)
     # a progress bar is for a person watching a terminal, not for container logs
     base, tokenizer = load_base(opts.model, dtype=dtype, device=opts.device, attention=opts.attention,
+                                quantization=opts.quantization, crossover=opts.quantization_crossover,
                                 progress=sys.stderr.isatty())
     if template is not None:
         tokenizer = tokenizer.with_chat_template(template)
@@ -106,7 +109,7 @@ def build_state(opts: ServeOptions) -> ServerState:
         metrics.track(variant, engine.stats, {
             "model": name, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
             "n_layers": cfg.n_layers, "dtype": opts.dtype, "attention": opts.attention,
-            "block_size": engine.layout.block_size}, alive=_liveness(engine))
+            "block_size": engine.layout.block_size, "weights": model.weights}, alive=_liveness(engine))
         engines[variant] = engine
         log.info(footprint_line(engine))
     return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key,
@@ -134,7 +137,7 @@ def footprint_line(engine: Engine) -> str:
     s = engine.stats()
     cfg = engine.model.config
     return (f"variant {engine.name}: n_heads={cfg.n_heads} n_kv_heads={cfg.n_kv_heads} head_dim={cfg.head_dim} "
-            f"n_layers={cfg.n_layers} dtype={str(engine.model.dtype).removeprefix('torch.')} | "
+            f"n_layers={cfg.n_layers} dtype={str(engine.model.dtype).removeprefix('torch.')} weights: {engine.model.weights} | "
             f"KV {s.bytes_per_token} B/token, {s.bytes_per_block} B/block of {s.block_size} tokens, "
             f"{s.kv.num_blocks} blocks = {s.capacity_tokens} tokens capacity in {s.kv_memory_bytes / 2**20:.1f} MiB; "
             f"max_model_len={engine.max_model_len}")

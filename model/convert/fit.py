@@ -40,7 +40,7 @@ def fit_kv(teacher: Transformer, student: Transformer, sequences: Tensor, *, epo
     called after each layer with its relative error at the start and the end.
     """
     T = sequences.shape[1]
-    cos, sin = teacher._rope(torch.arange(T, device=teacher.device))
+    cos, sin = teacher._rope(torch.arange(T, device=teacher.device), T - 1)
     gen = torch.Generator().manual_seed(seed)
     errors = []
     with torch.no_grad():
@@ -49,7 +49,7 @@ def fit_kv(teacher: Transformer, student: Transformer, sequences: Tensor, *, epo
         with torch.no_grad():
             x, target, h = _layer_inputs(teacher, i, h, cos, sin)
         attention = cast(Block, student.layers[i]).attention
-        params = [p for m in (attention.wk, attention.wv) for p in m.parameters()]
+        params = list(attention.wkv.parameters())  # the fused K/V weight (and bias)
         for p in params:
             p.requires_grad_(True)
         norm = target.pow(2).sum()

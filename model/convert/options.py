@@ -7,9 +7,9 @@ from pathlib import Path
 INITS = ("fit", "mean")
 # --train choices -> the parameter-name suffixes (of model/transformer.py) that are trained.
 TRAIN_SETS: dict[str, tuple[str, ...]] = {
-    "kv": ("attention.wk.weight", "attention.wk.bias", "attention.wv.weight", "attention.wv.bias"),
-    "attention": ("attention.wq.weight", "attention.wq.bias", "attention.wk.weight", "attention.wk.bias",
-                  "attention.wv.weight", "attention.wv.bias", "attention.wo.weight"),
+    "kv": ("attention.wkv.weight", "attention.wkv.bias"),
+    "attention": ("attention.wq.weight", "attention.wq.bias", "attention.wkv.weight", "attention.wkv.bias",
+                  "attention.wo.weight"),
     "all": ("",),
 }
 # Options that change what a step computes: a checkpoint resumes only a run that agrees on them.

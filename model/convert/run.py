@@ -28,7 +28,7 @@ from model.convert.options import ConvertOptions
 from model.hf_loader import open_hf
 from model.hf_writer import save_hf_checkpoint
 from model.loader import load_base
-from model.transformer import Transformer
+from model.transformer import Transformer, build_transformer, checkpoint_weights
 from model.variants import parse_variant, with_variant
 
 RECORD_FILE = "kvserve_convert.json"
@@ -48,7 +48,11 @@ def student_of(teacher: Transformer, opts: ConvertOptions) -> Transformer:
         fewer = [f"gqa-{n}" if n > 1 else "mqa" for n in range(1, cfg.n_kv_heads) if cfg.n_heads % n == 0]
         raise ValueError(f"variant {opts.variant!r} has {n_kv} K/V heads: convert makes variants with fewer than "
                          f"the checkpoint's {cfg.n_kv_heads}; choose {' or '.join(fewer)}")
-    student = with_variant(teacher, opts.variant)
+    # built afresh from the variant's tensors: modules of its own (shared modules would share their
+    # parameters with the teacher), tensors shared until the loop below copies the trained ones
+    variant = with_variant(teacher, opts.variant)
+    student = build_transformer(variant.config, checkpoint_weights(variant), attention=teacher.attention,
+                                dtype=teacher.dtype, device=teacher.device)
     teacher_ptrs = {t.data_ptr() for t in teacher.state_dict().values()}
     for name, p in student.named_parameters():
         if opts.trains(name) and p.data_ptr() in teacher_ptrs:

@@ -106,7 +106,7 @@ def test_kv_cache_tensors(n_kv, dtype):
     assert cache.num_blocks == 6 and cache.block_size == 16  # 5 data blocks and the null block
     assert cache.capacity_tokens == 5 * 16
     for tensor in (cache.k, cache.v):
-        assert tensor.shape == (30, 6, 16, n_kv, 64)  # (n_layers, num_blocks, block_size, Hkv, D)
+        assert tensor.shape == (30, 6, n_kv, 16, 64)  # (n_layers, num_blocks, Hkv, block_size, D)
         assert tensor.dtype == dtype and tensor.device.type == "cpu"
         assert not tensor.any()  # starts zeroed: padded reads of the null block are finite
     assert cache.nbytes == 6 * kv.bytes_per_block  # the budget's 5 blocks plus the null block

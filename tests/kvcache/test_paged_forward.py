@@ -20,6 +20,7 @@ from kvcache.kv_cache import KVCache, KVLayout
 from kvcache.metadata import PagedMetadata
 from model.config import PRESETS, ModelConfig
 from model.paged_attention import PAGED_ATTENTION_IMPLS, paged_flash_attention
+from model.paged_plan import PagedPlan
 from model.transformer import Transformer, random_transformer
 
 TINY = PRESETS["tiny"]  # 4 query heads of 16 dims, 2 layers, vocab 259
@@ -187,13 +188,13 @@ def test_shared_prefix_blocks_give_identical_logits(models, attention):
 
 def reference_paged(q, k_cache, v_cache, tables, query_lens, context_lens) -> torch.Tensor:
     """Float64 attention from the definition, reading the cache one slot at a time."""
-    block_size, Hkv, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    Hkv, block_size, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // Hkv
     out, row = [], 0
     for table, q_len, ctx in zip(tables, query_lens, context_lens):
         slots = [(table[p // block_size], p % block_size) for p in range(ctx)]
-        k = torch.stack([k_cache[b, o] for b, o in slots]).double()  # (ctx, Hkv, D)
-        v = torch.stack([v_cache[b, o] for b, o in slots]).double()
+        k = torch.stack([k_cache[b, :, o] for b, o in slots]).double()  # (ctx, Hkv, D)
+        v = torch.stack([v_cache[b, :, o] for b, o in slots]).double()
         for i in range(q_len):
             pos = ctx - q_len + i  # sees keys 0..pos
             qi = q[row + i].double().view(Hkv, group, D)
@@ -203,31 +204,70 @@ def reference_paged(q, k_cache, v_cache, tables, query_lens, context_lens) -> to
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1), (9, 3)], ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
-def test_paged_attention_matches_definition(heads, block_size):
-    """Random caches and ragged batches; flash with tiles of 1-2 pages and 3-token query tiles."""
-    Hq, Hkv = heads
-    rng = random.Random(f"{heads}-{block_size}")
+def plan_for(meta: PagedMetadata, Hq: int, Hkv: int, dtype: torch.dtype, **tiles) -> PagedPlan:
+    return PagedPlan.build(meta, n_kv_heads=Hkv, group=Hq // Hkv, dtype=dtype, **tiles)
+
+
+def random_paged_case(Hq: int, Hkv: int, block_size: int, query_lens_of, seed: str):
+    """Random caches (num_blocks, Hkv, block_size, 16), shuffled tables, contexts of 1-45 tokens."""
+    rng = random.Random(seed)
     gen = torch.Generator().manual_seed(block_size)
     context_lens = [rng.randint(1, 45) for _ in range(6)] + [1]
-    query_lens = [rng.choice([1, 1, ctx, max(1, ctx // 3)]) for ctx in context_lens]
+    query_lens = [query_lens_of(rng, ctx) for ctx in context_lens]
     blocks = BlockList(sum(-(-c // block_size) for c in context_lens) + 4, block_size)
     tables = [blocks.take(-(-c // block_size)) for c in context_lens]
     meta = PagedMetadata.build(query_lens=query_lens, context_lens=context_lens, block_tables=tables,
                                block_size=block_size)
     num_blocks = len(blocks.free) + sum(map(len, tables)) + 1
-    k_cache = torch.randn(num_blocks, block_size, Hkv, 16, generator=gen)
-    v_cache = torch.randn(num_blocks, block_size, Hkv, 16, generator=gen)
+    k_cache = torch.randn(num_blocks, Hkv, block_size, 16, generator=gen)
+    v_cache = torch.randn(num_blocks, Hkv, block_size, 16, generator=gen)
     q = torch.randn(sum(query_lens), Hq, 16, generator=gen)
-    ref = reference_paged(q, k_cache, v_cache, tables, query_lens, context_lens)
-    outputs = {name: fn(q, k_cache, v_cache, meta) for name, fn in PAGED_ATTENTION_IMPLS.items()}
+    return meta, q, k_cache, v_cache, reference_paged(q, k_cache, v_cache, tables, query_lens, context_lens)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+HEADS = [(4, 4), (4, 2), (4, 1), (9, 3)]
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
+def test_paged_attention_matches_definition(heads, block_size):
+    """Random caches and mixed ragged batches; flash with key tiles of 1-2 pages (decodes sorted
+    longest first and folded tile by tile) and 3-token query tiles."""
+    Hq, Hkv = heads
+    meta, q, k_cache, v_cache, ref = random_paged_case(
+        Hq, Hkv, block_size, lambda rng, ctx: rng.choice([1, 1, ctx, max(1, ctx // 3)]), f"{heads}-{block_size}")
+    outputs = {name: fn(q, k_cache, v_cache, plan_for(meta, Hq, Hkv, q.dtype)) for name, fn in PAGED_ATTENTION_IMPLS.items()}
     for tile_tokens in (block_size, 2 * block_size + 1):
-        outputs[f"flash tile {tile_tokens}"] = paged_flash_attention(q, k_cache, v_cache, meta,
-                                                                     tile_tokens=tile_tokens, block_q=3)
+        plan = plan_for(meta, Hq, Hkv, q.dtype, decode_tile_tokens=tile_tokens, prefill_tile_tokens=tile_tokens)
+        outputs[f"flash tile {tile_tokens}"] = paged_flash_attention(q, k_cache, v_cache, plan, block_q=3)
     for name, out in outputs.items():
         assert out.shape == q.shape, name
-        assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, name
-    bf16 = paged_flash_attention(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), meta, tile_tokens=block_size)
+        assert rel_error(out, ref) < 1e-5, name
+    plan = plan_for(meta, Hq, Hkv, torch.bfloat16, decode_tile_tokens=block_size, prefill_tile_tokens=block_size)
+    bf16 = paged_flash_attention(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), plan)
     assert bf16.dtype == torch.bfloat16
-    assert ((bf16.double() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+    assert rel_error(bf16, ref) < 2e-2
+
+
+@pytest.mark.parametrize("decode_tile_tokens", [None, 5, 16])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
+def test_pure_decode_steps_match_definition_in_float64(heads, decode_tile_tokens):
+    """A batch of decodes only (the engine's common step): every path in float64 against the
+    definition. Flash runs one tile (no sorting, rows in place) or several (sorted, folded)."""
+    Hq, Hkv = heads
+    meta, q, k_cache, v_cache, ref = random_paged_case(Hq, Hkv, 5, lambda rng, ctx: 1, f"decode-{heads}")
+    q, k_cache, v_cache = q.double(), k_cache.double(), v_cache.double()
+    plan = plan_for(meta, Hq, Hkv, torch.float64, decode_tile_tokens=decode_tile_tokens)
+    assert (plan.decode_rows is None) == (len(plan.decode_tiles) == 1)
+    assert (decode_tile_tokens is None) == (len(plan.decode_tiles) == 1)
+    outputs = {"flash": paged_flash_attention(q, k_cache, v_cache, plan)}
+    for name in ("sdpa", "naive"):
+        outputs[name] = PAGED_ATTENTION_IMPLS[name](q, k_cache, v_cache, plan_for(meta, Hq, Hkv, torch.float64,
+                                                                                   decode_tile_tokens=None))
+    for name, out in outputs.items():
+        assert out.dtype == torch.float64, name
+        assert rel_error(out, ref) < 1e-12, name

@@ -66,7 +66,7 @@ def test_calibrated_fit_lowers_every_layer_error_and_the_kl():
                     on_layer=lambda i, before, after: starts.append(before))
     assert all(after < 0.9 * before for before, after in zip(starts, errors)), (starts, errors)
     assert validation_kl(teacher, student, data, 2) < mean_pool_kl
-    assert teacher.layers[0].attention.wk.weight.shape == (2 * 16, 64)  # the teacher is untouched
+    assert teacher.layers[0].attention.wkv.weight.shape == (2 * 2 * 16, 64)  # the teacher is untouched
 
 
 @pytest.mark.parametrize("train", ["kv", "attention"])

@@ -236,9 +236,10 @@ def tiny_gguf(tmp_path_factory, tiny_hf_llama):
 def test_tiny_gguf_unpermutes_q_and_k_exactly(tiny_gguf, tiny_hf_llama):
     model, _ = load_model(tiny_gguf, progress=False)
     for ours, ref in zip(model.layers, tiny_hf_llama.model.layers):
-        assert torch.equal(ours.attention.wq.weight, ref.self_attn.q_proj.weight)  # F32: bit-exact
-        assert torch.equal(ours.attention.wk.weight, ref.self_attn.k_proj.weight)
-        assert torch.equal(ours.attention.wv.weight, ref.self_attn.v_proj.weight)
+        wq, (wk, wv) = ours.attention.wq.weight, ours.attention.wkv.weight.split([32, 32])  # fused K, V rows
+        assert torch.equal(wq, ref.self_attn.q_proj.weight)  # F32: bit-exact
+        assert torch.equal(wk, ref.self_attn.k_proj.weight)
+        assert torch.equal(wv, ref.self_attn.v_proj.weight)
     assert model.config.rope_theta == 5000.0 and model.config.n_kv_heads == 2 and not model.config.tie_embeddings
 
 

@@ -118,9 +118,10 @@ def test_bfloat16_load_casts_every_tensor(checkpoints, ids):
     assert model.dtype == torch.bfloat16
     hf_state = hf_model.state_dict()
     attn, hf_attn = model.layers[1].attention, hf_model.model.layers[1].self_attn
+    k_bias = attn.wkv.bias.split([2 * attn.head_dim, 2 * attn.head_dim])[0]
     for ours, ref in [(model.tok_embeddings.weight, hf_state["model.embed_tokens.weight"]),
-                      (attn.wk.bias, hf_attn.k_proj.bias), (attn.wo.weight, hf_attn.o_proj.weight),
-                      (model.output.weight, hf_state["lm_head.weight"])]:
+                      (k_bias, hf_attn.k_proj.bias), (attn.wo.small.weight, hf_attn.o_proj.weight),
+                      (model.output.small.weight, hf_state["lm_head.weight"])]:
         assert ours.dtype == torch.bfloat16 and torch.equal(ours, ref.to(torch.bfloat16))
     with torch.inference_mode():
         assert torch.isfinite(model(ids)).all()

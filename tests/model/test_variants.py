@@ -12,10 +12,18 @@ import torch
 
 from model.config import PRESETS
 from model.loader import load_model
-from model.transformer import random_transformer
+from model.quantized import dequantize
+from model.transformer import checkpoint_weights, random_transformer
 from model.variants import with_variant
 
-KV_NAMES = ("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")
+
+def qkv_rows(model, layer: int, part: str) -> torch.Tensor:
+    """One projection ("q", "k" or "v") of a layer as the checkpoint names it, dequantized."""
+    return dequantize(checkpoint_weights(model)[f"layers.{layer}.attention.w{part}.weight"])
+
+
+def qkv_bias_rows(model, layer: int, part: str) -> torch.Tensor:
+    return checkpoint_weights(model)[f"layers.{layer}.attention.w{part}.bias"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +37,7 @@ def test_smollm2_mha_gives_native_logits(smollm2, smollm2_ids):
     model, _ = smollm2
     mha = with_variant(model, "mha")
     assert mha.config.n_kv_heads == 9
-    assert mha.layers[0].attention.wk.weight.shape == (9 * 64, 576)
+    assert qkv_rows(mha, 0, "k").shape == (9 * 64, 576)
     with torch.inference_mode():
         torch.testing.assert_close(mha(smollm2_ids), model(smollm2_ids), rtol=1e-5, atol=1e-5)
 
@@ -40,9 +48,9 @@ def test_smollm2_variant_shapes(smollm2, variant, n_kv):
     model, _ = smollm2
     converted = with_variant(model, variant)
     assert converted.config.n_kv_heads == n_kv
-    for layer in converted.layers:
-        assert layer.attention.wk.weight.shape == layer.attention.wv.weight.shape == (n_kv * 64, 576)
-        assert layer.attention.wq.weight.shape == (9 * 64, 576)
+    for i in range(len(converted.layers)):
+        assert qkv_rows(converted, i, "k").shape == qkv_rows(converted, i, "v").shape == (n_kv * 64, 576)
+        assert torch.equal(qkv_rows(converted, i, "q"), qkv_rows(model, i, "q"))
 
 
 @pytest.mark.slow
@@ -75,16 +83,14 @@ def test_mean_pooling_matches_float64_mean(qkv_bias, variant, n_kv):
     model = random_transformer(cfg, seed=1)
     pooled = with_variant(model, variant)
     D, group = cfg.head_dim, cfg.n_heads // n_kv
-    for i, layer in enumerate(model.layers):
-        for name in ("wk", "wv"):
-            params = [("weight", getattr(layer.attention, name).weight)]
+    for i in range(cfg.n_layers):
+        for part in "kv":
+            pairs = [(qkv_rows(model, i, part), qkv_rows(pooled, i, part))]
             if qkv_bias:
-                params.append(("bias", getattr(layer.attention, name).bias))
-            for kind, tensor in params:
+                pairs.append((qkv_bias_rows(model, i, part), qkv_bias_rows(pooled, i, part)))
+            for tensor, got in pairs:
                 heads = tensor.double().reshape(cfg.n_heads, D, -1)  # (H, D, dim or 1)
                 expected = torch.stack([heads[g * group:(g + 1) * group].sum(0) / group for g in range(n_kv)])
-                got = getattr(pooled.layers[i].attention, name)
-                got = got.weight if kind == "weight" else got.bias
                 torch.testing.assert_close(got.double(), expected.reshape(got.shape), rtol=0, atol=1e-7)
 
 
@@ -99,25 +105,25 @@ def test_tiny_mha_gives_native_logits():
 def test_with_variant_shares_all_but_kv(variant):
     model = random_transformer(replace(PRESETS["tiny"], qkv_bias=True), seed=3)
     converted = with_variant(model, variant)
-    before, after = model.state_dict(), converted.state_dict()
-    assert before.keys() == after.keys()
-    for name, tensor in before.items():
-        if name.endswith(KV_NAMES) and variant != "native":
-            assert after[name].data_ptr() != tensor.data_ptr(), name
-        else:
-            assert after[name].data_ptr() == tensor.data_ptr(), name
+    assert converted.tok_embeddings is model.tok_embeddings and converted.output is model.output
+    assert converted.norm is model.norm
+    for ours, theirs in zip(model.layers, converted.layers):
+        for name in ("attention_norm", "ffn_norm", "feed_forward"):
+            assert getattr(ours, name) is getattr(theirs, name), name
+        assert ours.attention.wq is theirs.attention.wq and ours.attention.wo is theirs.attention.wo
+        assert (ours.attention.wkv is theirs.attention.wkv) == (variant == "native")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["wk", "wv"])
-def test_smollm2_three_kv_heads_pool_to_one_as_their_float64_mean(smollm2, name):
+@pytest.mark.parametrize("part", ["k", "v"])
+def test_smollm2_three_kv_heads_pool_to_one_as_their_float64_mean(smollm2, part):
     model, _ = smollm2
     mqa = with_variant(model, "mqa")
     D = model.config.head_dim
     for i in (0, 14, 29):
-        native = getattr(model.layers[i].attention, name).weight.double().reshape(3, D, -1)  # (3, D, dim)
+        native = qkv_rows(model, i, part).double().reshape(3, D, -1)  # (3, D, dim)
         expected = (native[0] + native[1] + native[2]) / 3
-        got = getattr(mqa.layers[i].attention, name).weight.double()
+        got = qkv_rows(mqa, i, part).double()
         assert got.shape == (D, 576)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
@@ -132,18 +138,16 @@ def test_twelve_heads_four_kv_heads_regroup_through_mha(qkv_bias, variant, n_kv)
     converted = with_variant(model, variant)
     assert converted.config.n_kv_heads == n_kv
     D, n_heads = cfg.head_dim, cfg.n_heads
-    for i, layer in enumerate(model.layers):
-        for name in ("wk", "wv"):
-            kinds = [("weight", getattr(layer.attention, name).weight)]
+    for i in range(cfg.n_layers):
+        for part in "kv":
+            pairs = [(qkv_rows(model, i, part), qkv_rows(converted, i, part))]
             if qkv_bias:
-                kinds.append(("bias", getattr(layer.attention, name).bias))
-            for kind, tensor in kinds:
+                pairs.append((qkv_bias_rows(model, i, part), qkv_bias_rows(converted, i, part)))
+            for tensor, got in pairs:
                 heads = tensor.double().reshape(cfg.n_kv_heads, D, -1)          # (4, D, dim or 1)
                 per_query = [heads[h // (n_heads // cfg.n_kv_heads)] for h in range(n_heads)]
                 group = n_heads // n_kv
                 expected = torch.stack([sum(per_query[g * group:(g + 1) * group]) / group for g in range(n_kv)])
-                got = getattr(converted.layers[i].attention, name)
-                got = got.weight if kind == "weight" else got.bias
                 torch.testing.assert_close(got.double(), expected.reshape(got.shape), rtol=0, atol=1e-6)
     ids = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
