@@ -202,11 +202,9 @@ class Pipeline:
     # ---- run ----
 
     def check(self, job: Job) -> None:
-        """What the engine would refuse (Engine.validate), then the limits the request's
-        SamplingParams must keep together (service.api.limits): each a 400 before anything runs."""
+        """The limits the request's SamplingParams must keep together (service.api.limits): a 400
+        before anything runs. The engine validates each request itself, once, when it is submitted."""
         with self.refusals(job.variant, job.names):
-            for prompt, params in zip(job.prompts, job.params):
-                job.engine.validate(prompt, params)
             self.state.limits.check_params(job.params, job.engine.vocab_size)
 
     async def complete(self, request: Request, job: Job) -> tuple[list[list[RequestOutput]], str]:

@@ -105,15 +105,17 @@ def http(server):
 
 def check_answer(r: httpx.Response, body) -> None:
     assert r.status_code < 500, f"{r.status_code} for {body!r}: {r.text[:300]}"
-    if r.status_code >= 400:
+    if r.status_code >= 400 and r.request.url.path in ("/generate", "/generate_stream", "/"):  # TGI's error body
+        assert set(r.json()) == {"error", "error_type"} and r.json()["error"], r.text[:300]
+    elif r.status_code >= 400:
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text[:300]
     elif r.headers["content-type"].startswith("text/event-stream"):
         events = [e for e in r.text.split("\n\n") if e.strip()]
         assert events and all(e.startswith("data: ") for e in events), r.text[:300]
         payloads = [e[6:] for e in events]
-        if payloads[-1] != "[DONE]":  # /generate ends with its last event instead
-            assert json.loads(payloads[-1]).get("finish_reason") is not None, payloads[-1]
+        if payloads[-1] != "[DONE]":  # TGI's stream ends with its last token event, which carries the details
+            assert (json.loads(payloads[-1]).get("details") or {}).get("finish_reason") is not None, payloads[-1]
         for p in payloads:
             if p != "[DONE]":
                 assert "error" not in json.loads(p) or json.loads(p)["error"] is None, p

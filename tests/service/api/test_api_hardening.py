@@ -83,9 +83,9 @@ def test_control_tokens_written_in_chat_content_stay_text(server):
 # ---- tenants of the prefix cache ----
 
 def cached_tokens(http: httpx.Client, prompt: str, **fields) -> int:
-    r = http.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 1, "details": True}, **fields})
+    r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, **fields})
     assert r.status_code == 200, r.text
-    return r.json()["details"]["cached_tokens"]
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
 def test_each_api_key_and_cache_salt_is_a_tenant_of_its_own(server):

@@ -68,4 +68,4 @@ def test_a_stop_string_spanning_tokens_cuts_exactly_there(http):
     assert len(stop) == 4
     cut = http.post("/generate", json={**body, "parameters": {**body["parameters"], "stop": [stop]}}).json()
     assert cut["generated_text"] == text[:text.index(stop)]
-    assert cut["details"]["finish_reason"] == "stop"
+    assert cut["details"]["finish_reason"] == "stop_sequence"  # TGI names a stop string's finish so
