@@ -23,7 +23,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kvcache.kv_cache import KVCache
+from kvcache.kv_cache import KVCache, KVLayout
 from kvcache.metadata import PagedMetadata
 from model.dtypes import auto_dtype, cpu_summary
 from model.loader import load_model
@@ -46,8 +46,8 @@ class Batch:
         rng = random.Random(seed)
         pages = -(-(context + steps + 1) // BLOCK)
         cfg = model.config
-        bytes_per_block = cfg.kv_bytes_per_token(torch.finfo(model.dtype).bits // 8) * BLOCK
-        self.cache = KVCache.for_model(cfg, budget_bytes=(S * pages + 1) * bytes_per_block, block_size=BLOCK,
+        layout = KVLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, torch.finfo(model.dtype).bits // 8, BLOCK)
+        self.cache = KVCache.for_model(cfg, budget_bytes=S * pages * layout.bytes_per_block, block_size=BLOCK,
                                        dtype=model.dtype, device="cpu")
         free = list(range(1, self.cache.num_blocks))
         rng.shuffle(free)

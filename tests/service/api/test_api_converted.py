@@ -17,7 +17,7 @@ from model.config import PRESETS
 from model.hf_writer import save_hf_checkpoint
 from model.loader import load_model
 from model.tokenizer import byte_tokenizer
-from model.transformer import random_transformer
+from model.transformer import checkpoint_weights, random_transformer
 from model.variants import with_variant
 from service import cli
 from service.engine.config import EngineConfig
@@ -36,8 +36,8 @@ def converted_dir(tmp_path_factory):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in mqa.layers:
-            for proj in (layer.attention.wk, layer.attention.wv):
-                proj.weight.add_(0.3 * torch.randn(proj.weight.shape, generator=gen))
+            proj = layer.attention.wkv  # K and V rows
+            proj.weight.add_(0.3 * torch.randn(proj.weight.shape, generator=gen))
     path = tmp_path_factory.mktemp("converted") / "tiny-mqa"
     save_hf_checkpoint(mqa, byte_tokenizer(), path)
     return path
@@ -64,13 +64,17 @@ def test_live_server_serves_the_converted_kv_with_mqa_footprint(converted_dir):
 def test_only_kv_comes_from_the_directory(converted_dir):
     state = build_state(ServeOptions(model="tiny", variants=("native", f"mqa={converted_dir}"), dtype="float32",
                                      engine=EngineConfig(kv_cache_memory=BUDGET)))
-    native, mqa = (state.engines[v].model.state_dict() for v in ("native", "mqa"))
+    native, mqa = (state.engines[v].model for v in ("native", "mqa"))
     own, _ = load_model(converted_dir, progress=False)
-    for name, tensor in mqa.items():
+    theirs = checkpoint_weights(own)
+    for name, tensor in checkpoint_weights(mqa).items():
         if ".wk." in name or ".wv." in name:
-            assert torch.equal(tensor, own.state_dict()[name]), name
-        else:
-            assert tensor.data_ptr() == native[name].data_ptr(), name
+            assert torch.equal(tensor, theirs[name]), name
+    for ours, served in zip(native.layers, mqa.layers):  # every module but the K/V projection is shared
+        assert ours.attention.wq is served.attention.wq and ours.attention.wo is served.attention.wo
+        assert ours.feed_forward is served.feed_forward and ours.attention_norm is served.attention_norm
+        assert ours.attention.wkv is not served.attention.wkv
+    assert native.tok_embeddings is mqa.tok_embeddings and native.output is mqa.output
 
 
 def _serve_error(capsys, variants: str) -> str:

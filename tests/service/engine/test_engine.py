@@ -309,3 +309,19 @@ def test_timeout_ends_a_request_and_frees_its_blocks(tiny, monkeypatch):
     assert 0 < outs[-1].completion_tokens < 200 and outs[-1].error is None
     assert engine.stats().kv.used_blocks == 0
     engine.shutdown()
+
+
+@pytest.mark.parametrize("quantization", ["q4", "int8", "fp16"])
+def test_quantized_weights_keep_batched_greedy_tokens_equal_to_one_at_a_time(quantization):
+    # the q4 / int8 kernels compute each row alone (bit-identical at any batch size, measured), so
+    # batching cannot change a quantized model's tokens either; the reference is the same model's
+    # no-cache forward
+    from model.loader import load_model
+    model, tok = load_model("tiny", dtype="float32", quantization=quantization, progress=False)
+    engine = make_engine(model, tok, max_num_batched_tokens=64)
+    prompts = random_prompts(16, seed=3)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = run_all(engine, [(p, params) for p in prompts])
+    check_against_reference(model, outs, prompts, 8)
+    assert engine.stats().kv.used_blocks == 0
+    engine.shutdown()
