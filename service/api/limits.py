@@ -172,9 +172,10 @@ class Limits:
 
     # ---- once the SamplingParams exist ----
 
-    def check_params(self, params: Sequence[SamplingParams], vocab_size: int) -> None:
+    def check_params(self, params: Sequence[SamplingParams], vocab_size: int, max_model_len: int) -> None:
         """The limits that need the server: stop strings, top_k against the vocabulary, and the
-        response budget over every engine request of one HTTP request (engine field names)."""
+        response budget over every engine request of one HTTP request (engine field names). A
+        max_tokens beyond the context is left to the engine's validation, whose error says so."""
         for p in params:
             if len(p.stop) > self.max_stop:
                 raise RequestError(f"stop has {len(p.stop):,} strings; at most {self.max_stop} are accepted "
@@ -186,6 +187,8 @@ class Limits:
             if p.top_k > vocab_size:
                 raise RequestError(f"top_k={p.top_k} is out of range: it must be "
                                    f"{FIELDS['top_k'].describe(vocab_size)} (the vocabulary size)", "top_k")
+        if any(p.max_tokens > max_model_len for p in params):
+            return
         total = sum(p.max_tokens * (1 + (p.logprobs or 0)) for p in params)
         if total > self.max_response_tokens:
             p = max(params, key=lambda q: q.max_tokens)

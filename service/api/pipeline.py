@@ -205,7 +205,7 @@ class Pipeline:
         """The limits the request's SamplingParams must keep together (service.api.limits): a 400
         before anything runs. The engine validates each request itself, once, when it is submitted."""
         with self.refusals(job.variant, job.names):
-            self.state.limits.check_params(job.params, job.engine.vocab_size)
+            self.state.limits.check_params(job.params, job.engine.vocab_size, job.engine.max_model_len)
 
     async def complete(self, request: Request, job: Job) -> tuple[list[list[RequestOutput]], str]:
         """Every output of every choice (for a JSON answer), or the APIError to answer instead;

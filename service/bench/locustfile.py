@@ -20,7 +20,6 @@ Settings from the environment:
     BENCH_IGNORE_EOS    1 to send ignore_eos: true (vLLM/kvserve extension)
     BENCH_NUM_PROMPTS   prompts to cycle through (default 200)
     BENCH_SEED          dataset seed (default 0)
-    BENCH_MAX_REQUESTS  end the run once this many requests have finished (default: run until -t)
 """
 from __future__ import annotations
 
@@ -29,7 +28,6 @@ import json
 import os
 import time
 
-import gevent
 from locust import HttpUser, between, task
 
 from service.bench.client import ENDPOINTS, Target, chunk_text
@@ -56,7 +54,6 @@ if DATASET not in ("natural", "random"):
 MAX_TOKENS = _env_int("BENCH_MAX_TOKENS", 128)
 SEED = int(os.environ.get("BENCH_SEED", "0") or 0)
 NUM_PROMPTS = _env_int("BENCH_NUM_PROMPTS", 200)
-MAX_REQUESTS = _env_int("BENCH_MAX_REQUESTS", 1) if os.environ.get("BENCH_MAX_REQUESTS") else None
 PROMPTS = (natural_requests(NUM_PROMPTS, MAX_TOKENS, seed=SEED) if DATASET == "natural" else
            random_requests(NUM_PROMPTS, _env_int("BENCH_INPUT_LEN", 128), MAX_TOKENS, 0.0, seed=SEED))
 
@@ -64,7 +61,6 @@ PROMPTS = (natural_requests(NUM_PROMPTS, MAX_TOKENS, seed=SEED) if DATASET == "n
 class StreamingUser(HttpUser):
     """Sends one streaming request after another, with a short think time between them."""
     wait_time = between(0.0, 0.5)
-    finished = 0  # requests finished by all users of this process (BENCH_MAX_REQUESTS)
 
     def on_start(self) -> None:
         api_key = os.environ.get("BENCH_API_KEY") or None
@@ -110,10 +106,6 @@ class StreamingUser(HttpUser):
                         output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
         end = time.perf_counter()
         self._fire("E2E", end - start, error)
-        StreamingUser.finished += 1
-        if MAX_REQUESTS is not None and StreamingUser.finished >= MAX_REQUESTS and self.environment.runner:
-            # from a greenlet of its own: quit() stops every user, this one included, before it ends the run
-            gevent.spawn(self.environment.runner.quit)
         if error is not None:
             return
         output_tokens = output_tokens or len(chunk_times)

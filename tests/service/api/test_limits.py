@@ -56,7 +56,7 @@ def test_every_choice_seed_must_fit():
 
 def test_stop_strings_top_k_and_the_response_budget():
     limits = Limits(max_stop=2, max_stop_chars=3, max_response_tokens=100)
-    limits.check_params([SamplingParams(stop=("a", "bcd"), max_tokens=100)], vocab_size=50)
+    limits.check_params([SamplingParams(stop=("a", "bcd"), max_tokens=100)], vocab_size=50, max_model_len=10**6)
     cases = [
         ([SamplingParams(stop=("a", "b", "c"))], "stop", "at most 2"),
         ([SamplingParams(stop=("abcd",))], "stop", "at most 3"),
@@ -66,7 +66,7 @@ def test_stop_strings_top_k_and_the_response_budget():
     ]
     for params, param, needle in cases:
         with pytest.raises(RequestError) as info:
-            limits.check_params(params, vocab_size=50)
+            limits.check_params(params, vocab_size=50, max_model_len=10**6)
         assert info.value.param == param and needle in str(info.value)
 
 

@@ -77,19 +77,17 @@ def test_unknown_model_counts_failures_by_status(server, capsys):
 
 
 def test_locustfile_reports_ttft_and_itl(server, tmp_path):
-    # the run ends after 6 requests, however long they take; -t only guards against a hang
-    env = dict(os.environ, BENCH_MAX_TOKENS="6", BENCH_IGNORE_EOS="1", BENCH_NUM_PROMPTS="10", BENCH_MAX_REQUESTS="6")
+    env = dict(os.environ, BENCH_MAX_TOKENS="6", BENCH_IGNORE_EOS="1", BENCH_NUM_PROMPTS="10")
     locustfile = os.path.join(os.path.dirname(cli.__file__), "locustfile.py")
     proc = subprocess.run([sys.executable, "-m", "locust", "-f", locustfile, "--headless", "-u", "2", "-r", "2",
-                           "-t", "300s", "--host", server, "--csv", str(tmp_path / "run"), "--only-summary"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+                           "-t", "20s", "--host", server, "--csv", str(tmp_path / "run"), "--only-summary"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(open(tmp_path / "run_stats.csv"))}
     for name in ("TTFT", "ITL", "TPOT", "E2E"):
         assert int(rows["SSE", name]["Request Count"]) > 0, name
         assert int(rows["SSE", name]["Failure Count"]) == 0, name
     assert int(rows["POST", "/v1/completions"]["Failure Count"]) == 0
-    assert 6 <= int(rows["SSE", "E2E"]["Request Count"]) <= 7  # stopped by BENCH_MAX_REQUESTS (2 users)
     # with ignore_eos and 6 tokens, each request yields at most 5 ITL gaps
     assert int(rows["SSE", "ITL"]["Request Count"]) <= 5 * int(rows["SSE", "E2E"]["Request Count"])
 
