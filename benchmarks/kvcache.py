@@ -147,31 +147,37 @@ def report_decode(args) -> None:
 
     from kvcache.metadata import PagedMetadata
     from model.paged_attention import paged_flash_attention, paged_sdpa_attention
+    from model.paged_plan import PagedPlan
 
-    S, ctx, bs = args.decode_seqs, args.decode_context, args.block_size
+    ctx, bs = args.decode_context, args.block_size
     Hq, Hkv, D = SMOLLM2.n_heads, SMOLLM2.n_kv_heads, SMOLLM2.head_dim
     pages = -(-ctx // bs)
     gen = torch.Generator().manual_seed(args.seed)
-    # Pages scattered over the pool, as a long-running server leaves them.
-    order = (torch.randperm(S * pages, generator=gen) + 1).tolist()
-    tables = [order[s * pages:(s + 1) * pages] for s in range(S)]
-    meta = PagedMetadata.build(query_lens=[1] * S, context_lens=[ctx] * S, block_tables=tables,
-                               block_size=bs, device=args.device)
-    print(f"### Decode attention: {S} sequences x {ctx} tokens of context, one layer, "
+    print(f"### Decode attention: sequences x {ctx} tokens of context, one layer, "
           f"Hq {Hq} / Hkv {Hkv} / D {D}, block {bs}, device {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
-    print("| dtype | paged flash (ms) | gather + sdpa (ms) | flash / sdpa | max abs diff |")
-    print("|---|---:|---:|---:|---:|")
-    for name in ("float32", "bfloat16"):
-        dtype = getattr(torch, name)
-        k_cache = torch.randn(S * pages + 1, bs, Hkv, D, generator=gen).to(args.device, dtype)  # (blocks, bs, Hkv, D)
-        v_cache = torch.randn(S * pages + 1, bs, Hkv, D, generator=gen).to(args.device, dtype)
-        q = torch.randn(S, Hq, D, generator=gen).to(args.device, dtype)  # (S, Hq, D)
-        times, outs = {}, {}
-        for impl, fn in (("flash", paged_flash_attention), ("sdpa", paged_sdpa_attention)):
-            outs[impl] = _time(fn, (q, k_cache, v_cache, meta), args.repeats, args.device, times, impl)
-        diff = (outs["flash"].float() - outs["sdpa"].float()).abs().max().item()
-        print(f"| {name} | {times['flash']:.2f} | {times['sdpa']:.2f} | {times['flash'] / times['sdpa']:.2f} | {diff:.1e} |")
+          f"{torch.get_num_threads()} threads, median of {args.repeats}; the step's plan built outside the timing "
+          f"(once per step for all layers)\n")
+    print("| sequences | dtype | paged flash (ms) | gather + sdpa (ms) | flash / sdpa | max abs diff |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for S in (int(x) for x in str(args.decode_seqs).split(",")):
+        # Pages scattered over the pool, as a long-running server leaves them.
+        order = (torch.randperm(S * pages, generator=gen) + 1).tolist()
+        tables = [order[s * pages:(s + 1) * pages] for s in range(S)]
+        meta = PagedMetadata.build(query_lens=[1] * S, context_lens=[ctx] * S, block_tables=tables,
+                                   block_size=bs, device=args.device)
+        for name in ("float32", "bfloat16"):
+            dtype = getattr(torch, name)
+            k_cache = torch.randn(S * pages + 1, Hkv, bs, D, generator=gen).to(args.device, dtype)  # (blocks, Hkv, bs, D)
+            v_cache = torch.randn(S * pages + 1, Hkv, bs, D, generator=gen).to(args.device, dtype)
+            q = torch.randn(S, Hq, D, generator=gen).to(args.device, dtype)  # (S, Hq, D)
+            times, outs = {}, {}
+            for impl, fn, tile in (("flash", paged_flash_attention, "default"), ("sdpa", paged_sdpa_attention, None)):
+                kw = {} if tile == "default" else {"decode_tile_tokens": tile}
+                plan = PagedPlan.build(meta, n_kv_heads=Hkv, group=Hq // Hkv, dtype=dtype, **kw)
+                outs[impl] = _time(fn, (q, k_cache, v_cache, plan), args.repeats, args.device, times, impl)
+            diff = (outs["flash"].float() - outs["sdpa"].float()).abs().max().item()
+            print(f"| {S} | {name} | {times['flash']:.3f} | {times['sdpa']:.3f} | {times['flash'] / times['sdpa']:.2f} "
+                  f"| {diff:.1e} |")
     print()
 
 
@@ -224,15 +230,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-memory", default="1GiB", help="KV byte budget, e.g. 1GiB, 512MiB")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decode-seqs", type=int, default=32)
+    p.add_argument("--decode-seqs", default="32", help="decoding sequences, or a comma list (1,8,32)")
     p.add_argument("--decode-context", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the 'fit' column of variants")
     args = p.parse_args(argv)
+    try:
+        seqs = [int(x) for x in args.decode_seqs.split(",")]
+    except ValueError:
+        p.error(f"--decode-seqs={args.decode_seqs!r}: give a number or a comma list of numbers, e.g. 1,8,32")
     for name, value, low in (("num-requests", args.num_requests, 1), ("max-model-len", args.max_model_len, 2),
                              ("max-num-seqs", args.max_num_seqs, 1), ("block-size", args.block_size, 1),
-                             ("decode-seqs", args.decode_seqs, 1), ("decode-context", args.decode_context, 1),
+                             ("decode-seqs", min(seqs), 1), ("decode-context", args.decode_context, 1),
                              ("repeats", args.repeats, 1), ("seq-len", args.seq_len, 1)):
         if value < low:
             p.error(f"--{name}={value} is out of range: must be >= {low}")

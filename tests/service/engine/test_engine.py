@@ -27,18 +27,22 @@ def check_against_reference(model, outputs_per_request, prompts, max_tokens):
         assert tokens_of(outputs) == reference_greedy(model, prompt, max_tokens)
 
 
+def check_batched_equals_one_at_a_time(model, tok, n: int, max_tokens: int, seed: int) -> None:
+    engine = make_engine(model, tok, max_num_batched_tokens=64)  # chunked prefill of the longer prompts
+    prompts = random_prompts(n, seed=seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    outs = run_all(engine, [(p, params) for p in prompts])
+    check_against_reference(model, outs, prompts, max_tokens)
+    assert engine.stats().kv.used_blocks == 0
+    engine.shutdown()
+
+
 @pytest.mark.parametrize("attention", ["flash", "sdpa", "naive"])
 def test_32_concurrent_greedy_requests_match_one_at_a_time(tiny, attention):
     model, tok = tiny
     model.set_attention(attention)
     try:
-        engine = make_engine(model, tok, max_num_batched_tokens=64)  # chunked prefill of the longer prompts
-        prompts = random_prompts(32, seed=0)
-        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-        outs = run_all(engine, [(p, params) for p in prompts])
-        check_against_reference(model, outs, prompts, 10)
-        assert engine.stats().kv.used_blocks == 0
-        engine.shutdown()
+        check_batched_equals_one_at_a_time(model, tok, 32, 10, seed=0)
     finally:
         model.set_attention("flash")
 
@@ -318,10 +322,4 @@ def test_quantized_weights_keep_batched_greedy_tokens_equal_to_one_at_a_time(qua
     # no-cache forward
     from model.loader import load_model
     model, tok = load_model("tiny", dtype="float32", quantization=quantization, progress=False)
-    engine = make_engine(model, tok, max_num_batched_tokens=64)
-    prompts = random_prompts(16, seed=3)
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    outs = run_all(engine, [(p, params) for p in prompts])
-    check_against_reference(model, outs, prompts, 8)
-    assert engine.stats().kv.used_blocks == 0
-    engine.shutdown()
+    check_batched_equals_one_at_a_time(model, tok, 16, 8, seed=3)
