@@ -20,6 +20,7 @@ import torch
 
 from model.dtypes import auto_dtype
 from model.loader import load_model, smollm2_gguf_path
+from model.quantization import QUANTIZATIONS
 from model.sampling_params import SamplingParams
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto = what `kvserve serve --dtype auto` picks on this machine")
     p.add_argument("--attention", choices=("flash", "sdpa", "naive"), default="flash")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="as `kvserve serve` (default: auto)")
     p.add_argument("--kv-cache-memory", type=int, default=1 << 30)
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.dtype == "auto":
         args.dtype = auto_dtype("cpu")
     dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_model("smollm2-135m", dtype=dtype, attention=args.attention, progress=False)
+    model, tokenizer = load_model("smollm2-135m", dtype=dtype, attention=args.attention,
+                                  quantization=args.quantization, progress=False)
     prompts = make_prompts(args.num_requests, args.prompt_len, model.config.vocab_size, args.seed)
     run_engine(model, tokenizer, prompts[:2], 4, 2, args.kv_cache_memory)  # warm-up
     rows = []

@@ -31,6 +31,7 @@ import torch
 import model.sampler
 from model.dtypes import auto_dtype, cpu_summary
 from model.loader import load_model, smollm2_gguf_path
+from model.quantization import QUANTIZATIONS
 from model.sampling_params import SamplingParams, StructuredOutput
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
@@ -145,13 +146,15 @@ def main() -> None:
     parser.add_argument("--concurrency", default="8,32")
     parser.add_argument("--rounds", type=int, default=2, help="requests per run = rounds x concurrency")
     parser.add_argument("--max-tokens", type=int, default=320, help="a cap far above SCHEMA's longest document")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="as `kvserve serve` (default: auto)")
     args = parser.parse_args()
     time_grammar_work()
     dtype = auto_dtype("cpu")
-    model_, tok = load_model(smollm2_gguf_path(), dtype=dtype, progress=False)
+    model_, tok = load_model(smollm2_gguf_path(), dtype=dtype, quantization=args.quantization, progress=False)
     spec = StructuredOutput("json", json.dumps(SCHEMA), strict=True)
     print(f"CPU: {cpu_summary()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"SmolLM2-135M {str(dtype).removeprefix('torch.')}, greedy, schema max_tokens {args.max_tokens}\n")
+          f"SmolLM2-135M {str(dtype).removeprefix('torch.')}, weights {model_.weights}, greedy, "
+          f"schema max_tokens {args.max_tokens}\n")
     print("| c | requests | mode | output tokens | wall (s) | tok/s | decode step mean (ms) | schema-valid "
           "| mask fill (ms/step) | mask apply (ms/step) | advance (ms/step) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
