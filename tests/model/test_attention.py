@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import model.flash_tiles as flash_tiles
 from model.attention import (
@@ -21,6 +20,7 @@ from model.attention import (
     sdpa_attention,
 )
 from model.flash_tiles import OnlineSoftmax
+from tests.reference import peak_allocated_bytes
 
 HEADS = [(8, 8), (8, 2), (8, 1), (9, 3)]  # (Hq, Hkv): MHA, GQA, MQA, SmolLM2's GQA
 TK = 37  # not a multiple of any tile size used here
@@ -150,25 +150,13 @@ def test_flash_computes_only_tiles_on_or_below_the_diagonal(monkeypatch):
     assert rel_error(out, reference(q, k, v, causal=True)) < 1e-5
 
 
-def _peak_allocated_bytes(fn) -> int:
-    """Peak of torch's CPU allocations while fn runs, from the profiler's allocation events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def test_flash_memory_stays_linear_in_sequence_length():
     """At T = 2048 one (Hq, T, T) float32 score matrix is 151 MB; flash holds one (Hkv, 128*G, 512)
     score tile plus O(T) buffers. The output it must allocate is the measurement's lower bound."""
     T = 2048
     q, k, v = random_qkv(1, 9, 3, T, T, 64)
     score_matrix = 9 * T * T * 4
-    flash_peak = _peak_allocated_bytes(lambda: flash_attention(q, k, v, causal=True))
+    flash_peak = peak_allocated_bytes(lambda: flash_attention(q, k, v, causal=True))
     assert q.nbytes <= flash_peak < score_matrix / 6
 
 

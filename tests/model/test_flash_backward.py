@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import model.flash_backward as flash_backward
 from model.attention import flash_attention, naive_attention
 from model.flash_tiles import LOG2E, flash_forward
+from tests.reference import peak_allocated_bytes
 
 HEADS = [(2, 2), (4, 2), (3, 1)]  # MHA, GQA, MQA
 
@@ -118,18 +118,6 @@ def test_inference_never_enters_the_autograd_function(monkeypatch):
     flash_attention(q.detach(), k.detach(), v.detach(), causal=True)
 
 
-def _peak_allocated_bytes(fn) -> int:
-    """Peak of torch's CPU allocations while fn runs, from the profiler's allocation events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def test_forward_and_backward_memory_stay_linear():
     """At T = 2048 one (Hq, T, T) float32 score matrix is 151 MB and naive autograd keeps several;
     flash forward + backward holds O(T) tensors and two score tiles."""
@@ -137,5 +125,5 @@ def test_forward_and_backward_memory_stay_linear():
     q, k, v = random_qkv(1, 9, 3, T, T, 64)
     d_out = torch.randn(1, 9, T, 64)
     score_matrix = 9 * T * T * 4
-    peak = _peak_allocated_bytes(lambda: torch.autograd.grad(flash_attention(q, k, v, causal=True), (q, k, v), d_out))
+    peak = peak_allocated_bytes(lambda: torch.autograd.grad(flash_attention(q, k, v, causal=True), (q, k, v), d_out))
     assert 3 * q.nbytes <= peak < score_matrix / 4  # at least dq, dk, dv and the saved output
