@@ -90,7 +90,11 @@ def figures(doc: dict) -> dict[str, float]:
     s = doc["summary"]
     ok = [r for r in doc["requests"] if r["success"]]
     ttft = sum(r["ttft_s"] for r in ok)
-    return {"tok_s": s["output_throughput"], "itl_p50": s["itl_ms"]["median"], "tpot_p50": s["tpot_ms"]["median"],
+
+    def p50(key: str) -> float | None:  # None where no request had two tokens (the prefill load)
+        return s[key]["median"] if s.get(key) else None
+
+    return {"tok_s": s["output_throughput"], "itl_p50": p50("itl_ms"), "tpot_p50": p50("tpot_ms"),
             "ttft_p50": s["ttft_ms"]["median"], "prefill_tok_s": sum(r["prompt_tokens"] for r in ok) / ttft if ttft else 0.0,
             "prompt_tokens": s["total_input_tokens"] / max(1, s["completed"]), "failed": s["failed"]}
 
@@ -137,12 +141,18 @@ def main() -> int:
     p.add_argument("--loads", default="c1,c8,c32,prefill")
     p.add_argument("--kvserve-args", default="", help="extra `kvserve serve` options, e.g. '--quantization q4'")
     p.add_argument("--skip-llama", action="store_true", help="measure kvserve only")
+    p.add_argument("--report-only", action="store_true", help="print the table from the results already in --out")
     args = p.parse_args()
     loads = args.loads.split(",")
     for name in loads:
         if name not in LOADS:
             p.error(f"unknown load {name!r}: choose from {', '.join(LOADS)}")
     out = Path(args.out)
+    if args.report_only:
+        saved = {server: {name: json.loads((out / f"{server}_{name}.json").read_text()) for name in loads
+                          if (out / f"{server}_{name}.json").exists()} for server in ("kvserve", "llama")}
+        print(report(saved, loads, "kvserve serve " + args.kvserve_args))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     gguf = smollm2_gguf_path()
     binary = None if args.skip_llama else build_llama_server()

@@ -32,6 +32,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _auto_or(parse):
+    """`auto` -> None (measured at start-up); anything else through `parse`."""
+    return lambda text: None if text == "auto" else parse(text)
+
+
 def _int_at_least(lo: int, hi: int | None = None):
     def parse(text: str) -> int:
         try:
@@ -147,6 +152,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_int_at_least(1, 1024), default=None,
                    help="torch threads for the whole process, split evenly between the variants' engines; "
                    "default: OMP_NUM_THREADS if set, else the CPUs this process may use (affinity and cgroup quota)")
+    p.add_argument("--single-thread-tokens", type=_auto_or(_int_at_least(0)), default=None, metavar="N|auto",
+                   help="steps of at most N tokens run on one thread (0: never); default auto: measured when "
+                   "each engine starts (decode steps with 1 thread against all of them)")
 
 
 def add_limit_args(p: argparse.ArgumentParser) -> None:
@@ -208,7 +216,7 @@ def serve_options(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue=args.max_queue, request_timeout=args.request_timeout,
-        enable_prefix_caching=not args.no_prefix_caching)
+        enable_prefix_caching=not args.no_prefix_caching, single_thread_tokens=args.single_thread_tokens)
     if args.api_key and not any(k.strip() for k in args.api_key.split(",")):
         raise ValueError(f"--api-key {args.api_key!r} holds no key")
     if args.prefix_cache_scope == "api-key" and not args.api_key:

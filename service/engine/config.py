@@ -15,6 +15,7 @@ class EngineConfig:
     request_timeout: float | None = None  # seconds from arrival; None = no limit
     enable_prefix_caching: bool = True
     num_threads: int | None = None        # the engine thread's torch intra-op threads; None: torch's default
+    single_thread_tokens: int | None = None  # steps of at most this many tokens run on 1 thread; None: measured
 
     def __post_init__(self) -> None:
         checks = [
@@ -25,6 +26,7 @@ class EngineConfig:
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 1, ">= 1"),
             ("request_timeout", self.request_timeout is None or self.request_timeout > 0, "> 0"),
             ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1"),
+            ("single_thread_tokens", self.single_thread_tokens is None or self.single_thread_tokens >= 0, ">= 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:

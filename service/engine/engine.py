@@ -38,6 +38,7 @@ from service.engine.outputs import RequestOutput
 from service.engine.request import Request
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from service.engine.step_threads import measure_single_thread_tokens
 from service.engine.structured_output import GrammarCompiler
 
 log = logging.getLogger("kvserve.engine")
@@ -74,6 +75,8 @@ class Engine:
         self.scheduler = Scheduler(self.kv_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv_cache, self.kv_manager)
+        self._threads = self._step_threads = 1      # set on the engine thread when it starts
+        self._single_thread_tokens = 0              # steps of at most this many tokens run on one thread
         self.sampler = Sampler()
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
@@ -201,6 +204,10 @@ class Engine:
             torch.get_num_threads()
             torch.set_num_threads(self.config.num_threads)
         try:
+            self._threads = self._step_threads = torch.get_num_threads()
+            small = self.config.single_thread_tokens
+            self._single_thread_tokens = (measure_single_thread_tokens(self.model, self.kv_cache, self._threads)
+                                          if small is None else small)
             while not self._stop.is_set():
                 self._wake.clear()
                 self._drain_inbox()
@@ -251,6 +258,10 @@ class Engine:
             time.sleep(0.001)  # everything runnable was preempted this step; retry
             return
         phase = _phase(out)
+        threads = 1 if out.num_tokens <= self._single_thread_tokens else self._threads
+        if threads != self._step_threads:  # small steps run faster on one thread (service.engine.step_threads)
+            torch.set_num_threads(threads)
+            self._step_threads = threads
         started = time.perf_counter()
         scheduled, logits = self._forward(out.scheduled)
         sampling = [s.request for s in scheduled if s.samples]

@@ -33,6 +33,7 @@ OPTIONS = [
     ("--device", "cuda", "device", "cuda"),
     ("--quantization", "q4", "quantization", "q4"),
     ("--quantization-crossover", "8", "quantization_crossover", 8),
+    ("--single-thread-tokens", "4", "single_thread_tokens", 4),
     ("--kv-cache-memory", "512MiB", "kv_cache_memory", 512 * 2**20),
     ("--block-size", "8", "block_size", 8),
     ("--max-model-len", "300", "max_model_len", 300),

@@ -1,0 +1,51 @@
+"""Small steps on one thread: the measured crossover, and the engine switching threads by step size."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.sampling_params import SamplingParams
+from service.engine import step_threads
+from tests.service.engine.engine_helpers import make_engine, reference_greedy, run_all, tokens_of
+
+
+def test_the_crossover_is_the_largest_batch_up_to_which_one_thread_always_won(tiny, monkeypatch):
+    model, tok = tiny
+    engine = make_engine(model, tok)
+    seconds = {(1, 1): 1.0, (1, 2): 2.0, (2, 1): 1.0, (2, 2): 1.5, (4, 1): 3.0, (4, 2): 2.0, (8, 1): 1.0, (8, 2): 9.0}
+    monkeypatch.setattr(step_threads, "_step_seconds", lambda m, kv, tokens, threads, repeats: seconds[tokens, threads])
+    # 8 tokens would win again, but 4 lost first: the line is drawn at 2
+    assert step_threads.measure_single_thread_tokens(model, engine.kv_cache, 2) == 2
+    assert step_threads.measure_single_thread_tokens(model, engine.kv_cache, 1) == 0  # nothing to save
+    engine.shutdown()
+
+
+def test_the_real_measurement_leaves_the_thread_count_as_it_was(tiny):
+    model, tok = tiny
+    engine = make_engine(model, tok)
+    before = torch.get_num_threads()
+    try:
+        result = step_threads.measure_single_thread_tokens(model, engine.kv_cache, 2, repeats=1)
+        assert result in (0, *step_threads.PROBE_TOKENS)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("single", [0, 3])
+def test_the_engine_runs_small_steps_on_one_thread_and_keeps_its_tokens(tiny, monkeypatch, single):
+    model, tok = tiny
+    calls: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    engine = make_engine(model, tok, num_threads=2, single_thread_tokens=single)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs = run_all(engine, [(p, params) for p in prompts])
+    for prompt, out in zip(prompts, outs):
+        assert tokens_of(out) == reference_greedy(model, prompt, 6)
+    engine.shutdown()
+    # the prefill step (10 tokens) runs on 2 threads; the decode steps of 3 sequences on 1 when allowed
+    assert (1 in calls) == (single >= 3)
+    real(2)
