@@ -113,8 +113,10 @@ def test_each_engine_thread_runs_with_its_own_thread_count(tiny):
     main_threads = torch.get_num_threads()
     wanted = {"a": main_threads + 1, "b": main_threads + 2}  # differ from the caller's and from each other
     observers = {name: ThreadCountObserver() for name in wanted}
-    engines = [Engine(model, tokenizer, EngineConfig(kv_cache_memory=1 << 20, num_threads=n), name=name,
-                      observer=observers[name]) for name, n in wanted.items()]
+    # single_thread_tokens=0: every step on the engine's own count (small steps on one thread are
+    # tested in test_step_threads.py)
+    engines = [Engine(model, tokenizer, EngineConfig(kv_cache_memory=1 << 20, num_threads=n, single_thread_tokens=0),
+                      name=name, observer=observers[name]) for name, n in wanted.items()]
     for engine in engines:
         engine.start()
 
