@@ -162,16 +162,21 @@ def test_connections_that_send_nothing_useful_are_closed(server, what):
 
 # ---- the waiting queue ----
 
+@pytest.mark.slow
 def test_max_queue_0_still_runs_what_can_start_and_health_says_so(start_server):
-    server = start_server("--max-queue", "0", "--max-num-seqs", "2", "--kv-cache-memory", "2MiB")
+    # SmolLM2, not the tiny model: its 450-token streams take seconds here, so both are still
+    # running when the third request comes
+    server = start_server("--model", "smollm2-135m", "--max-queue", "0", "--max-num-seqs", "2",
+                          "--kv-cache-memory", "64MiB")
     body = {"prompt": "long", "max_tokens": 450, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
         streams = [http.stream("POST", "/v1/completions", json=body) for _ in range(2)]
         responses = [s.__enter__() for s in streams]
         assert [r.status_code for r in responses] == [200, 200]
-        for r in responses:
-            next(r.iter_lines())
+        lines = [r.iter_lines() for r in responses]  # kept: a dropped iterator closes its response
+        for it in lines:
+            next(it)
         refused = http.post("/v1/completions", json={"prompt": "y", "max_tokens": 2})
         if refused.status_code == 200:  # one of the long ones had already finished: nothing to show
             pytest.skip("a 450-token stream finished before the third request arrived")
