@@ -18,6 +18,7 @@ when (model/quantization.py) and the module that holds the forms (model/linear.p
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +30,23 @@ INT_ACTIVATIONS = torch.bfloat16  # what the CPU int4 / int8 kernels are fed
 _Q4_ROWS = 32  # the CPU int4 packing works on blocks of 32 output rows
 
 
-class WeightForm:
+class WeightForm(ABC):
     name = ""
     shape: tuple[int, int]
     source: WeightT
 
+    @abstractmethod
     def __call__(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """x (M, K) -> (M, N) in the kernel's output dtype."""
 
     def dequantize(self) -> Tensor:
         """The (N, K) float32 matrix this form multiplies by."""
         return dequantize(self.source)
 
     @property
+    @abstractmethod
     def nbytes(self) -> int:
-        raise NotImplementedError
+        """Bytes the packed weight occupies."""
 
 
 class DenseForm(WeightForm):
@@ -163,6 +166,6 @@ def kernel_available(name: str, device: str) -> bool:
             Q4Form(quantize_q4(w))(x)
         else:
             raise ValueError(f"unknown weight form {name!r}")
-    except (RuntimeError, AttributeError, NotImplementedError):
+    except (RuntimeError, AttributeError):  # NotImplementedError is a RuntimeError
         return False
     return True
