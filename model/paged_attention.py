@@ -10,7 +10,9 @@ its last query_lens[s] positions; they attend causally over its first context_le
   one gather of every (sequence, K/V head) page slab of the tile into a (S * Hkv, L, D) buffer,
   one batched matmul for the scores of all query heads (grouped over their K/V head), the mask
   added in the same call, softmax, one batched matmul with V. A single tile (the common case)
-  needs no online softmax; longer contexts fold tiles with it. Prefill chunks go one sequence at
+  needs no online softmax, and on CPU skips the V gather: its value product is one
+  `embedding_bag` (each query head's softmax row weighting its keys' V rows, read in place from
+  the cache). Longer contexts fold tiles with the online softmax. Prefill chunks go one sequence at
   a time, tiled over queries and keys, diagonal tiles masked, tiles above it skipped.
 - `paged_sdpa_attention` gathers the decodes' contexts the same way and calls torch's SDPA;
   prefills gather each whole context. `paged_naive_attention` gathers each sequence's context
@@ -48,12 +50,16 @@ def _paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: PagedPlan) 
         tile = tiles[0]
         q_h = (q.to(plan.dtype) * (1.0 / math.sqrt(D))).view(S * Hkv, group, D)  # heads of a K/V head together
         k = gather("k", k_cache, tile.index, plan.dtype).view(S * Hkv, tile.length, D)
-        v = gather("v", v_cache, tile.index, plan.dtype).view(S * Hkv, tile.length, D)
         if tile.bias is None:
             scores = torch.bmm(q_h, k.transpose(1, 2))  # (S * Hkv, G, L)
         else:
             scores = torch.baddbmm(tile.bias, q_h, k.transpose(1, 2))
-        return torch.bmm(torch.softmax(scores, dim=-1), v).view(S, Hq, D)
+        p = torch.softmax(scores, dim=-1)
+        if tile.rows is not None and v_cache.dtype == plan.dtype:  # V read in place: no gather
+            return F.embedding_bag(tile.rows, v_cache.view(-1, D), per_sample_weights=p.view(S * Hq, -1),
+                                   mode="sum").view(S, Hq, D)
+        v = gather("v", v_cache, tile.index, plan.dtype).view(S * Hkv, tile.length, D)
+        return torch.bmm(p, v).view(S, Hq, D)
     q_h = (q.to(plan.dtype) * (LOG2E / math.sqrt(D))).view(S * Hkv, group, D)  # base-2 scores
     m = torch.empty(S * Hkv, group, 1, dtype=plan.dtype, device=q.device)
     l = torch.empty_like(m)

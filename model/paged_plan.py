@@ -12,6 +12,8 @@ head is a contiguous (block_size, D) slab. Viewed as (num_blocks * Hkv, block_si
   reading there (`index`) and an additive mask (0 / -inf) for the keys past a context's end.
   With several tiles the decodes are sorted longest first, so a tile's readers are a prefix of
   the batch; `decode_rows` (None when the decodes are the whole batch in order) maps them back.
+  On CPU a single tile also lists each query head's key rows (`rows`), so the value product
+  reads V straight from the cache (see model/paged_attention.py) instead of gathering it.
 - Prefills (several new tokens) go one sequence at a time: key tiles of `prefill_tile_tokens`,
   each with its slab list; `causal` builds the diagonal masks once per step for all layers.
 - `cos` / `sin` (N, 1, D): rotary rows of the new tokens in the model's dtype.
@@ -66,6 +68,8 @@ class DecodeTile:
     length: int           # keys gathered: whole pages
     index: Tensor         # (n * Hkv * pages,) slabs to gather
     bias: Tensor | None   # (n * Hkv, 1, length) 0 / -inf past each context's end; None: nothing to mask
+    rows: Tensor | None = None  # (n * Hq, length) cache rows (viewed (-1, D)) each query head reads,
+                                # for the value product without a gather (CPU, single tile); else None
 
 
 @dataclass(slots=True)
@@ -119,7 +123,8 @@ class PagedPlan:
         all_rows = len(decodes) == len(offsets) - 1 and decodes == list(range(len(decodes)))
         decode_rows = None if all_rows else torch.tensor([offsets[s] for s in decodes], dtype=torch.long, device=device)
         cdtype = compute_dtype(dtype)
-        decode_tiles = _decode_tiles(meta, decodes, Hkv, pages_per_tile, cdtype) if decodes else []
+        value_rows = group if device.type == "cpu" else 0
+        decode_tiles = _decode_tiles(meta, decodes, Hkv, pages_per_tile, cdtype, value_rows) if decodes else []
 
         prefills = []
         prefill_pages = max(1, prefill_tile_tokens // bs)
@@ -150,8 +155,16 @@ def _slabs(pages: Tensor, heads: Tensor) -> Tensor:
     return (pages.unsqueeze(-2) * heads.numel() + heads[:, None]).reshape(-1)
 
 
+def _value_rows(slabs: Tensor, length: int, bs: int, group: int) -> Tensor:
+    """slabs (n * Hkv * pages,) in (sequence, head, page) order -> (n * Hkv * group, length) cache
+    rows (the cache viewed (-1, D)) of every key, once per query head of the key's group."""
+    rows = (slabs.view(-1, 1) * bs + torch.arange(bs, device=slabs.device)).view(-1, 1, length)  # (n * Hkv, 1, L)
+    return rows.expand(-1, group, length).reshape(-1, length)
+
+
 def _decode_tiles(meta: PagedMetadata, decodes: list[int], Hkv: int, pages_per_tile: int,
-                  dtype: torch.dtype) -> list[DecodeTile]:
+                  dtype: torch.dtype, value_rows: int) -> list[DecodeTile]:
+    """value_rows: the query heads per K/V head when a single tile should carry its value rows, else 0."""
     device, bs = meta.positions.device, meta.block_size
     lens = [meta.context_lens[s] for s in decodes]
     heads = torch.arange(Hkv, device=device)
@@ -170,5 +183,7 @@ def _decode_tiles(meta: PagedMetadata, decodes: list[int], Hkv: int, pages_per_t
             beyond = torch.arange(t0, t0 + length, device=device)[None, :] >= lens_t[:n, None]  # (n, L)
             bias = torch.zeros(n, length, dtype=dtype, device=device).masked_fill_(beyond, float("-inf"))
             bias = bias.repeat_interleave(Hkv, dim=0).unsqueeze(1)  # (n * Hkv, 1, L)
-        tiles.append(DecodeTile(n, t0, length, _slabs(tables[:n, p0:p1], heads), bias))
+        slabs = _slabs(tables[:n, p0:p1], heads)
+        rows = _value_rows(slabs, length, bs, value_rows) if value_rows and n_pages <= pages_per_tile else None
+        tiles.append(DecodeTile(n, t0, length, slabs, bias, rows))
     return tiles
