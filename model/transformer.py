@@ -151,27 +151,31 @@ class Transformer(nn.Module):
     def _logits(self, h: Tensor) -> Tensor:
         return self.output(self.norm(h))
 
-    def plan(self, meta: PagedMetadata) -> PagedPlan:
-        """Everything the layers need from the step's batch, built once for all of them."""
+    def plan(self, meta: PagedMetadata, attention: str | None = None) -> PagedPlan:
+        """Everything the layers need from the step's batch, built once for all of them, for the
+        paged form `attention` (default: the model's)."""
         cfg = self.config
+        tile_tokens = DECODE_TILE_TOKENS[attention or self.attention]
         return PagedPlan.build(meta, n_kv_heads=cfg.n_kv_heads, group=cfg.group_size, dtype=self.dtype,
-                               rope=(self.rope_cos, self.rope_sin), decode_tile_tokens=DECODE_TILE_TOKENS[self.attention])
+                               rope=(self.rope_cos, self.rope_sin), decode_tile_tokens=tile_tokens)
 
     def forward(self, input_ids: Tensor, kv_cache: KVCache | None = None, meta: PagedMetadata | None = None,
-                logits_indices: Tensor | None = None) -> Tensor:
+                logits_indices: Tensor | None = None, attention: str | None = None) -> Tensor:
         """No cache: input_ids (B, T) -> logits (B, T, vocab).
 
         Paged: input_ids (N,) flat new tokens, with `kv_cache` and `meta` -> logits (N, vocab), or
-        only the rows in `logits_indices` (e.g. each sequence's last token) when given.
+        only the rows in `logits_indices` (e.g. each sequence's last token) when given; `attention`
+        runs this step in another paged form than the model's (flash, sdpa, naive: all exact).
         """
         if kv_cache is None:
             return self._forward_dense(input_ids)
         if meta is None:
             raise ValueError("a paged forward needs its PagedMetadata")
-        plan = self.plan(meta)
+        attention = attention or self.attention
+        plan = self.plan(meta, attention)
         h = self.tok_embeddings(input_ids)  # (N, dim)
         for i, layer in enumerate(self.blocks):
-            h += layer.attention.forward_paged(layer.attention_norm(h), plan, self.attention, kv_cache.k[i], kv_cache.v[i])
+            h += layer.attention.forward_paged(layer.attention_norm(h), plan, attention, kv_cache.k[i], kv_cache.v[i])
             h += layer.feed_forward(layer.ffn_norm(h))
         if logits_indices is not None:
             h = h[logits_indices]

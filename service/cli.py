@@ -155,6 +155,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--single-thread-tokens", type=_auto_or(_int_at_least(0)), default=None, metavar="N|auto",
                    help="steps of at most N tokens run on one thread (0: never); default auto: measured when "
                    "each engine starts (decode steps with 1 thread against all of them)")
+    p.add_argument("--sdpa-decode-seqs", type=_auto_or(_int_at_least(0)), default=None, metavar="N|auto",
+                   help="with --attention flash, decode steps of at most N sequences run in the gather + SDPA form "
+                   "(0: never); default auto: measured when each engine starts (one layer's decode attention in "
+                   "both forms)")
 
 
 def add_limit_args(p: argparse.ArgumentParser) -> None:
@@ -216,7 +220,8 @@ def serve_options(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue=args.max_queue, request_timeout=args.request_timeout,
-        enable_prefix_caching=not args.no_prefix_caching, single_thread_tokens=args.single_thread_tokens)
+        enable_prefix_caching=not args.no_prefix_caching, single_thread_tokens=args.single_thread_tokens,
+        sdpa_decode_seqs=args.sdpa_decode_seqs)
     if args.api_key and not any(k.strip() for k in args.api_key.split(",")):
         raise ValueError(f"--api-key {args.api_key!r} holds no key")
     if args.prefix_cache_scope == "api-key" and not args.api_key:

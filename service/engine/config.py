@@ -16,6 +16,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None        # the engine thread's torch intra-op threads; None: torch's default
     single_thread_tokens: int | None = None  # steps of at most this many tokens run on 1 thread; None: measured
+    sdpa_decode_seqs: int | None = None   # pure decode steps of at most this many sequences run in the sdpa
+                                          # form of --attention flash; None: measured
 
     def __post_init__(self) -> None:
         checks = [
@@ -27,6 +29,7 @@ class EngineConfig:
             ("request_timeout", self.request_timeout is None or self.request_timeout > 0, "> 0"),
             ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1"),
             ("single_thread_tokens", self.single_thread_tokens is None or self.single_thread_tokens >= 0, ">= 0"),
+            ("sdpa_decode_seqs", self.sdpa_decode_seqs is None or self.sdpa_decode_seqs >= 0, ">= 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:

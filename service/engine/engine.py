@@ -8,9 +8,9 @@ their token masks; other rows pay nothing for them), then detokenize and deliver
 each caller's loop with call_soon_threadsafe. A structured-output request's grammar is compiled
 before it is queued, on the grammar compiler's own threads (service.engine.structured_output).
 A failure is kept to the request it belongs to: a batched forward that raises is retried one
-request at a time, a batch whose sampling raises is sampled row by row, and output processing runs
-per request, so only the request that breaks ends with finish_reason "error"; the loop keeps
-serving. Nothing here is global: several engines (one per attention variant) can live in one process.
+request at a time, a batch whose sampling raises is sampled row by row (service.engine.isolated_step),
+and output processing runs per request, so only the request that breaks ends with finish_reason
+"error"; the loop keeps serving. Nothing here is global: several engines (one per attention variant) can live in one process.
 """
 from __future__ import annotations
 
@@ -22,22 +22,23 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
-from torch import Tensor
 
 from kvcache.kv_cache import KVCache
 from kvcache.manager import KVCacheManager
-from model.sampler import Sampler, TokenMasks
-from model.sampling_params import SamplingParams, TokenLogprob
+from model.sampler import Sampler
+from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from service.engine.config import EngineConfig
+from service.engine.decode_path import measure_sdpa_decode_seqs
 from service.engine.errors import ContextLengthError, EngineDeadError, QueueFullError, RequestError
+from service.engine.isolated_step import IsolatedStep
 from service.engine.observer import EngineObserver, EngineStats
 from service.engine.output_processor import OutputProcessor
 from service.engine.outputs import RequestOutput
 from service.engine.request import Request
 from service.engine.runner import ModelRunner
-from service.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from service.engine.scheduler import Scheduler, SchedulerOutput
 from service.engine.step_threads import measure_single_thread_tokens
 from service.engine.structured_output import GrammarCompiler
 
@@ -80,6 +81,8 @@ class Engine:
         self.sampler = Sampler()
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
+        self.step_work = IsolatedStep(self.runner, self.sampler, self.grammars,
+                                      lambda req, error: self._finish(req, "error", error=error), name)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: deque[Request | str] = deque()  # a new request, or the id of one to abort
@@ -208,6 +211,9 @@ class Engine:
             small = self.config.single_thread_tokens
             self._single_thread_tokens = (measure_single_thread_tokens(self.model, self.kv_cache, self._threads)
                                           if small is None else small)
+            sdpa = self.config.sdpa_decode_seqs
+            self.runner.sdpa_decode_seqs = (measure_sdpa_decode_seqs(self.model, self.kv_cache, self._threads_for)
+                                            if sdpa is None else sdpa)
             while not self._stop.is_set():
                 self._wake.clear()
                 self._drain_inbox()
@@ -258,14 +264,14 @@ class Engine:
             time.sleep(0.001)  # everything runnable was preempted this step; retry
             return
         phase = _phase(out)
-        threads = 1 if out.num_tokens <= self._single_thread_tokens else self._threads
+        threads = self._threads_for(out.num_tokens)
         if threads != self._step_threads:  # small steps run faster on one thread (service.engine.step_threads)
             torch.set_num_threads(threads)
             self._step_threads = threads
         started = time.perf_counter()
-        scheduled, logits = self._forward(out.scheduled)
+        scheduled, logits = self.step_work.forward(out.scheduled)
         sampling = [s.request for s in scheduled if s.samples]
-        tokens, logprobs = self._sample(logits, sampling)
+        tokens, logprobs = self.step_work.sample(logits, sampling)
         self.observer.on_step(phase=phase, duration_s=time.perf_counter() - started,
                               num_tokens=out.num_tokens, num_seqs=len(out.scheduled))
         for s in scheduled:
@@ -295,75 +301,8 @@ class Engine:
         for req, output in delivered:
             self._deliver(req, output)
 
-    def _forward(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], Tensor]:
-        """The step's logits, one row per request that samples. If the batched forward fails, each
-        request is run alone (rewriting the same KV slots is harmless) and only those that fail
-        again are failed; the others go on as if nothing happened."""
-        try:
-            return scheduled, self.runner.execute(scheduled)
-        except Exception as exc:
-            if len(scheduled) == 1:
-                self._fail_step([scheduled[0]], exc)
-                return [], torch.empty(0)
-            log.exception("batched forward failed in engine %s; retrying its %d requests one by one",
-                          self.name, len(scheduled))
-        kept, rows = [], []
-        for s in scheduled:
-            try:
-                logits = self.runner.execute([s])
-            except Exception as exc:
-                self._fail_step([s], exc)
-                continue
-            kept.append(s)
-            if s.samples:
-                rows.append(logits)
-        return kept, torch.cat(rows) if rows else torch.empty(0)
-
-    def _fail_step(self, scheduled: list[ScheduledRequest], exc: Exception) -> None:
-        for s in scheduled:
-            log.error("model step failed for request %s in engine %s: %s", s.request.request_id, self.name, exc)
-            self._finish(s.request, "error", error=f"internal error during the model step: {exc}")
-
-    def _sample(self, logits: Tensor, sampling: list[Request]) -> tuple[list[int | None], list[TokenLogprob | None]]:
-        """One token per request (None where sampling failed; that request is failed). The batch is
-        sampled at once; if that raises, row by row, so one bad row fails only its request."""
-        if not sampling:
-            return [], []
-        try:
-            return self._sample_rows(logits, sampling)  # type: ignore[return-value]
-        except Exception:
-            log.exception("batched sampling failed in engine %s; sampling its %d rows one by one",
-                          self.name, len(sampling))
-        tokens: list[int | None] = []
-        logprobs: list[TokenLogprob | None] = []
-        for i, req in enumerate(sampling):
-            try:
-                (token,), (logprob,) = self._sample_rows(logits[i:i + 1], [req])
-            except Exception as exc:
-                self._finish(req, "error", error=f"internal error while sampling: {exc}")
-                token, logprob = None, None
-            tokens.append(token)
-            logprobs.append(logprob)
-        return tokens, logprobs
-
-    def _sample_rows(self, logits: Tensor, sampling: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
-        return self.sampler.sample(logits, [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
-                                   [r.output_token_ids for r in sampling], [r.generator for r in sampling],
-                                   self._token_masks(sampling))
-
-    def _token_masks(self, sampling: list[Request]) -> TokenMasks | None:
-        """This step's masks: each grammar's allowed tokens, and stop tokens banned before min_tokens."""
-        rows = [j for j, r in enumerate(sampling) if r.grammar is not None]
-        banned = {j: sorted(r.stop_token_ids) for j, r in enumerate(sampling)
-                  if r.num_output_tokens < r.params.min_tokens}
-        if not rows and not banned:
-            return None
-        bitmask = None
-        if rows:
-            bitmask = torch.empty((len(rows), self.grammars.bitmask_width), dtype=torch.int32)
-            for g, j in enumerate(rows):
-                sampling[j].grammar.fill_next_token_bitmask(bitmask, g)  # type: ignore[union-attr]
-        return TokenMasks(bitmask, rows, banned)
+    def _threads_for(self, num_tokens: int) -> int:
+        return 1 if num_tokens <= self._single_thread_tokens else self._threads
 
     def _note_admissions(self, out: SchedulerOutput, now: float) -> None:
         for _ in out.preempted:

@@ -20,6 +20,8 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.kv_manager = kv_manager
         self.device = model.device
+        # pure decode steps of up to this many sequences run in the sdpa form (service.engine.decode_path)
+        self.sdpa_decode_seqs = 0
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> Tensor:
@@ -39,4 +41,6 @@ class ModelRunner:
                                    block_size=self.kv_cache.block_size, device=self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model(ids, kv_cache=self.kv_cache, meta=meta, logits_indices=rows).float()
+        decode_only = len(input_ids) == len(scheduled)  # every request brought one token
+        attention = "sdpa" if decode_only and len(scheduled) <= self.sdpa_decode_seqs else None
+        return self.model(ids, kv_cache=self.kv_cache, meta=meta, logits_indices=rows, attention=attention).float()

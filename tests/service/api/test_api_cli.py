@@ -34,6 +34,7 @@ OPTIONS = [
     ("--quantization", "q4", "quantization", "q4"),
     ("--quantization-crossover", "8", "quantization_crossover", 8),
     ("--single-thread-tokens", "4", "single_thread_tokens", 4),
+    ("--sdpa-decode-seqs", "8", "sdpa_decode_seqs", 8),
     ("--kv-cache-memory", "512MiB", "kv_cache_memory", 512 * 2**20),
     ("--block-size", "8", "block_size", 8),
     ("--max-model-len", "300", "max_model_len", 300),
@@ -97,6 +98,7 @@ def test_command_line_beats_environment():
     (["--port", "http"], "'http'"),
     (["--block-size", "0"], "must be >= 1"),
     (["--max-queue", "-1"], "must be >= 0"),
+    (["--sdpa-decode-seqs", "-1"], "-1 is out of range: must be >= 0"),
     (["--kv-cache-memory", "lots"], "'lots'"),
     (["--request-timeout", "0"], "> 0"),
     (["--shutdown-timeout", "-3"], ">= 0"),
@@ -132,11 +134,12 @@ def test_bad_environment_values_name_the_variable(var, value, capsys, monkeypatc
 def test_serve_options_builds_the_engine_config():
     args = parse(["--model", "tiny", "--dtype", "float32", "--kv-cache-memory", "4MiB", "--block-size", "8",
                   "--max-model-len", "256", "--max-num-seqs", "3", "--max-num-batched-tokens", "64",
-                  "--max-queue", "5", "--request-timeout", "9", "--no-prefix-caching", "--api-key", "k"])
+                  "--max-queue", "5", "--request-timeout", "9", "--no-prefix-caching", "--api-key", "k",
+                  "--single-thread-tokens", "4", "--sdpa-decode-seqs", "2"])
     opts = cli.serve_options(args)
     assert opts.engine == EngineConfig(kv_cache_memory=4 << 20, block_size=8, max_model_len=256, max_num_seqs=3,
                                        max_num_batched_tokens=64, max_queue=5, request_timeout=9.0,
-                                       enable_prefix_caching=False)
+                                       enable_prefix_caching=False, single_thread_tokens=4, sdpa_decode_seqs=2)
     assert (opts.model, opts.dtype, opts.api_key) == ("tiny", "float32", "k")
     assert (opts.threads, opts.log_stats_interval) == (None, 10.0)  # None: sized from the CPUs at start-up
     assert opts.limits == Limits()

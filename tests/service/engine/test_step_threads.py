@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcache.kv_cache import KVCache, KVLayout
 from model.sampling_params import SamplingParams
 from service.engine import step_threads
 from tests.service.engine.engine_helpers import make_engine, reference_greedy, run_all, tokens_of
@@ -18,6 +19,24 @@ def test_the_crossover_is_the_largest_batch_up_to_which_one_thread_always_won(ti
     assert step_threads.measure_single_thread_tokens(model, engine.kv_cache, 2) == 2
     assert step_threads.measure_single_thread_tokens(model, engine.kv_cache, 1) == 0  # nothing to save
     engine.shutdown()
+
+
+@pytest.mark.parametrize("blocks, tokens, context", [(4096, 32, 256), (9, 4, 32), (9, 8, 16), (9, 16, 0)])
+def test_probed_steps_have_a_served_steps_context_where_the_blocks_allow(tiny, monkeypatch, blocks, tokens, context):
+    model, _ = tiny
+    cfg = model.config
+    cache = KVCache(KVLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 4, 16), blocks, torch.float32, "cpu")
+    assert step_threads.probe_context(model, cache, tokens) == min(context, cfg.max_seq_len)
+    if context:
+        seen = []
+        real = step_threads.PagedMetadata.build
+        monkeypatch.setattr(step_threads.PagedMetadata, "build", lambda **kw: (seen.append(kw), real(**kw))[1])
+        step_threads._step_seconds(model, cache, tokens, 1, repeats=1)
+        lens, tables = seen[0]["context_lens"], seen[0]["block_tables"]
+        assert lens == [context] * tokens
+        used = [b for table in tables for b in table]
+        assert len(used) == tokens * (-(-context // 16))
+        assert len(set(used)) == len(used) and 0 not in used and max(used) < blocks  # own scratch pages
 
 
 def test_the_real_measurement_leaves_the_thread_count_as_it_was(tiny):
