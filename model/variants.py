@@ -9,8 +9,9 @@ Quantized K/V weights are dequantized, regrouped and quantized again in the same
 converted variant is approximate anyway); dense ones stay exact.
 
 A variant can also come from a converted checkpoint directory (`kvserve convert` distils one that
-keeps its quality): `with_converted_kv` takes its K/V projections and shares the rest with the
-served model, after checking that the rest is the same.
+keeps its quality): `with_converted` takes its K/V projections, and its Q and O projections where
+they differ from the served model's (`kvserve convert --train attention`), and shares the rest
+with the served model, after checking that the rest is the same.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from model.transformer import Transformer
 
 KV_TENSORS = ("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")
+QO_TENSORS = ("attention.wq.weight", "attention.wq.bias", "attention.wo.weight")
 
 
 def parse_variant(variant: str, n_heads: int, native_kv_heads: int) -> int:
@@ -106,12 +108,14 @@ def _with_forms_of(linear: Linear, convert: Callable[[WeightT], WeightT], bias: 
     return Linear(forms[id(linear.small)], forms[id(linear.large)], crossover=linear.crossover, bias=bias)
 
 
-def _with_wkv(model: Transformer, cfg: ModelConfig, wkvs: list[Linear]) -> Transformer:
-    """`model` with config `cfg` and the K/V projections `wkvs`, sharing every other module."""
+def _with_attention(model: Transformer, cfg: ModelConfig,
+                    projections: list[tuple[Linear, Linear, Linear]]) -> Transformer:
+    """`model` with config `cfg` and each layer's (wq, wkv, wo) from `projections`, sharing every
+    other module (and whichever of those projections are `model`'s own)."""
     from model.transformer import Attention, Block, Transformer
 
-    layers = [Block(layer.attention_norm, Attention(cfg, layer.attention.wq, wkv, layer.attention.wo),
-                    layer.ffn_norm, layer.feed_forward) for layer, wkv in zip(model.blocks, wkvs)]
+    layers = [Block(layer.attention_norm, Attention(cfg, wq, wkv, wo), layer.ffn_norm, layer.feed_forward)
+              for layer, (wq, wkv, wo) in zip(model.blocks, projections)]
     return Transformer(cfg, embedding=model.tok_embeddings, layers=layers, norm=model.norm, output=model.output,
                        attention=model.attention, weights=model.weights).eval()
 
@@ -128,7 +132,8 @@ def with_variant(model: Transformer, variant: str) -> Transformer:
         wkv = layer.attention.wkv
         bias = None if wkv.bias is None else torch.cat([regroup_kv(half, cfg, n_kv) for half in wkv.bias.data.chunk(2)])
         wkvs.append(_with_forms_of(wkv, lambda w: _convert_kv(w.data if isinstance(w, Tensor) else w, cfg, n_kv), bias))
-    return _with_wkv(model, cfg.with_kv_heads(n_kv), wkvs)
+    return _with_attention(model, cfg.with_kv_heads(n_kv),
+                           [(layer.attention.wq, wkv, layer.attention.wo) for layer, wkv in zip(model.blocks, wkvs)])
 
 
 def split_variant(spec: str) -> tuple[str, str | None]:
@@ -138,14 +143,16 @@ def split_variant(spec: str) -> tuple[str, str | None]:
 
 
 @torch.no_grad()
-def with_converted_kv(model: Transformer, path: str | Path, name: str) -> Transformer:
-    """`model` with the K/V projections of the checkpoint directory `path` (e.g. written by
-    `kvserve convert`), sharing every other module with `model`.
+def with_converted(model: Transformer, path: str | Path, name: str) -> Transformer:
+    """`model` with the attention projections of the checkpoint directory `path` (e.g. written by
+    `kvserve convert`): its K/V projections always, its Q and O projections in the layers where
+    they differ from `model`'s; every other module is shared with `model`.
 
-    The directory must be the same network with another K/V head count and, but for its K/V
+    The directory must be the same network with another K/V head count and, but for its attention
     projections, the same tensors (compared exactly, dequantized, in `model`'s dtype); a `name`
     that is a variant word (mha, mqa, gqa-N) must match its K/V head count. ValueError otherwise,
-    naming the first difference. The K/V weights run in the kind of form the served model's do.
+    naming the first difference. Projections taken from the directory run in the kind of form the
+    served model's do.
     """
     from model.hf_loader import hf_tensor_name, open_hf
     from model.transformer import checkpoint_weights
@@ -161,18 +168,30 @@ def with_converted_kv(model: Transformer, path: str | Path, name: str) -> Transf
                          f"{name!r} means; name it after its head count or give it another name")
     theirs = checkpoint.weights(model.dtype, progress=False)
     ours = checkpoint_weights(model)
-    for tensor_name, tensor in theirs.items():
-        if tensor_name.endswith(KV_TENSORS):
-            continue
+
+    def same(tensor_name: str) -> bool:
+        if tensor_name not in theirs:
+            return True  # a bias neither has
         mine = ours[tensor_name]
         mine = mine if isinstance(mine, Tensor) else dequantize(mine).to(model.dtype)
-        if not torch.equal(tensor.to(model.device), mine):
+        return torch.equal(theirs[tensor_name].to(model.device), mine)
+
+    for tensor_name in theirs:
+        if not tensor_name.endswith(KV_TENSORS + QO_TENSORS) and not same(tensor_name):
             raise ValueError(f"variant {name}={path}: tensor {hf_tensor_name(tensor_name)!r} differs from the served "
-                             f"model's; only K/V projections may differ (serve it on its own: --model {path})")
-    wkvs = []
+                             f"model's; only attention projections may differ (serve it on its own: --model {path})")
+
+    def taken(linear: Linear, weight: Tensor, bias: Tensor | None) -> Linear:
+        return _with_forms_of(linear, partial(_in_kind_of, dense=weight.to(model.device)),
+                              None if bias is None else bias.to(model.device))
+
+    projections = []
     for i, layer in enumerate(model.blocks):
-        p, wkv = f"layers.{i}.attention.", layer.attention.wkv
-        weight = torch.cat([theirs[p + "wk.weight"], theirs[p + "wv.weight"]]).to(model.device)
-        bias = torch.cat([theirs[p + "wk.bias"], theirs[p + "wv.bias"]]).to(model.device) if cfg.qkv_bias else None
-        wkvs.append(_with_forms_of(wkv, partial(_in_kind_of, dense=weight), bias))
-    return _with_wkv(model, cfg, wkvs)
+        p, attn = f"layers.{i}.attention.", layer.attention
+        kv_bias = torch.cat([theirs[p + "wk.bias"], theirs[p + "wv.bias"]]) if cfg.qkv_bias else None
+        wkv = taken(attn.wkv, torch.cat([theirs[p + "wk.weight"], theirs[p + "wv.weight"]]), kv_bias)
+        wq = attn.wq if same(p + "wq.weight") and same(p + "wq.bias") else \
+            taken(attn.wq, theirs[p + "wq.weight"], theirs.get(p + "wq.bias"))
+        wo = attn.wo if same(p + "wo.weight") else taken(attn.wo, theirs[p + "wo.weight"], None)
+        projections.append((wq, wkv, wo))
+    return _with_attention(model, cfg, projections)

@@ -2,7 +2,7 @@
 
 `ServeOptions` is the frozen configuration the CLI builds; `build_state` loads the checkpoint once
 and derives each variant from it (weights that do not change are shared, not copied; a `NAME=DIR`
-variant takes only its K/V projections from the converted checkpoint DIR), giving each its own
+variant takes only its attention projections from the converted checkpoint DIR), giving each its own
 engine and KV pool of the same byte budget; `serve` runs the HTTP server until a signal.
 On SIGTERM / SIGINT the server keeps listening but admits nothing (503, /health 503), lets the
 in-flight requests finish within `shutdown_timeout`, aborts what is left, and returns 0. A second
@@ -72,7 +72,7 @@ def build_state(opts: ServeOptions) -> ServerState:
     """Load the checkpoint once and build one started engine per variant. ValueError on bad options."""
     from model.chat_template import compile_chat_template
     from model.loader import load_base
-    from model.variants import split_variant, with_converted_kv, with_variant
+    from model.variants import split_variant, with_converted, with_variant
 
     template = None
     if opts.chat_template is not None:  # read and compiled first: a bad file fails before the slow load
@@ -99,9 +99,9 @@ def build_state(opts: ServeOptions) -> ServerState:
     engines: dict[str, Engine] = {}
     engine_config = dataclasses.replace(opts.engine, num_threads=plan.per_engine)
     for spec in opts.variants:
-        variant, path = split_variant(spec)  # NAME=DIR: a converted checkpoint's K/V, every other tensor shared
+        variant, path = split_variant(spec)  # NAME=DIR: a converted checkpoint's attention, the rest shared
         if path is not None:
-            model = with_converted_kv(base, path, variant)
+            model = with_converted(base, path, variant)
         else:
             model = base if variant == "native" else with_variant(base, variant)
         engine = Engine(model, tokenizer, engine_config, name=variant, observer=metrics.observer(variant))

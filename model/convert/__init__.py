@@ -4,5 +4,5 @@ options (what a run is), data (standard-library docstrings), fit (calibrated K/V
 kl (the distillation loss), distill (the training loop), checkpoint (resume), run (the whole
 conversion), cli (the command line). The written directory is a Hugging Face checkpoint
 (model.hf_writer) that `kvserve serve --model DIR` and transformers load, and that a server can
-serve beside its base (`--variants native,mqa=DIR`, model.variants.with_converted_kv).
+serve beside its base (`--variants native,mqa=DIR`, model.variants.with_converted).
 """

@@ -37,7 +37,7 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="fit: per-layer least-squares fit of the merged K/V on calibration text; mean: mean-pool")
     p.add_argument("--train", choices=list(TRAIN_SETS), default="kv",
                    help="what distillation trains: kv (K/V projections; the rest stays shared with the base), "
-                   "attention (all four attention projections) or all (default: kv)")
+                   "attention (all four attention projections; the MLPs stay shared) or all (default: kv)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate; with --steps, a cosine from it down to a "
                    "tenth of it (default: 2e-3)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")

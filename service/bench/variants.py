@@ -337,7 +337,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     from model.dtypes import auto_dtype
     from model.loader import load_base
-    from model.variants import with_converted_kv, with_variant
+    from model.variants import with_converted, with_variant
 
     if args.dtype == "auto":
         args.dtype = auto_dtype("cpu")
@@ -361,7 +361,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if r.path is None:
             r.perplexity = ppl_by_kv[r.n_kv_heads]
         else:
-            r.perplexity = perplexity(with_converted_kv(base, r.path, r.variant), ids, window, max(1, window // 2))
+            r.perplexity = perplexity(with_converted(base, r.path, r.variant), ids, window, max(1, window // 2))
             print(f"  {r.variant:>8} perplexity {r.perplexity:.3f}", file=sys.stderr)
         r.ppl_ratio = r.perplexity / native_ppl
     del base

@@ -77,6 +77,30 @@ def test_only_kv_comes_from_the_directory(converted_dir):
     assert native.tok_embeddings is mqa.tok_embeddings and native.output is mqa.output
 
 
+def test_changed_q_and_o_projections_come_from_the_directory_where_they_differ(converted_dir, tmp_path):
+    """A `--train attention` directory: layer 0's Q and layer 1's O changed too; each is taken
+    from DIR in its own layer, the unchanged ones (and the MLPs) stay the base's objects."""
+    mqa, tokenizer = load_model(converted_dir, progress=False)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for proj in (mqa.layers[0].attention.wq, mqa.layers[1].attention.wo):
+            proj.weight.add_(0.3 * torch.randn(proj.weight.shape, generator=gen))
+    path = tmp_path / "tiny-mqa-attention"
+    save_hf_checkpoint(mqa, tokenizer, path)
+    state = build_state(ServeOptions(model="tiny", variants=("native", f"mqa={path}"), dtype="float32",
+                                     engine=EngineConfig(kv_cache_memory=BUDGET, sdpa_decode_seqs=0)))
+    native, served = (state.engines[v].model for v in ("native", "mqa"))
+    (n0, s0), (n1, s1) = zip(native.layers, served.layers)
+    assert s0.attention.wq is not n0.attention.wq and s0.attention.wo is n0.attention.wo
+    assert s1.attention.wq is n1.attention.wq and s1.attention.wo is not n1.attention.wo
+    assert all(n.feed_forward is s.feed_forward for n, s in zip(native.layers, served.layers))
+    own, _ = load_model(path, progress=False)
+    ids = torch.tensor([tokenizer.encode("Queries and outputs trained too.")])
+    torch.testing.assert_close(served(ids), own(ids), rtol=0, atol=0)
+    for engine in state.engines.values():
+        engine.shutdown()
+
+
 def _serve_error(capsys, variants: str) -> str:
     try:
         code = cli.main(["serve", "--model", "tiny", "--dtype", "float32", "--kv-cache-memory", "1MiB",
