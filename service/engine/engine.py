@@ -10,7 +10,9 @@ before it is queued, on the grammar compiler's own threads (service.engine.struc
 A failure is kept to the request it belongs to: a batched forward that raises is retried one
 request at a time, a batch whose sampling raises is sampled row by row (service.engine.isolated_step),
 and output processing runs per request, so only the request that breaks ends with finish_reason
-"error"; the loop keeps serving. Nothing here is global: several engines (one per attention variant) can live in one process.
+"error"; the loop keeps serving. Each engine measures at start which thread count and which decode
+attention form suit small steps (service.engine.step_threads, service.engine.decode_path).
+Nothing here is global: several engines (one per attention variant) can live in one process.
 """
 from __future__ import annotations
 
