@@ -166,6 +166,6 @@ def kernel_available(name: str, device: str) -> bool:
             Q4Form(quantize_q4(w))(x)
         else:
             raise ValueError(f"unknown weight form {name!r}")
-    except (RuntimeError, AttributeError):  # NotImplementedError is a RuntimeError
+    except (RuntimeError, AttributeError):  # how torch reports a kernel this build or CPU lacks
         return False
     return True

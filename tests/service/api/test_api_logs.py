@@ -143,7 +143,7 @@ def test_http_metrics_use_the_route_template(json_server):
 def test_text_format_is_one_format_for_every_logger():
     with LiveServer("--kv-cache-memory", "1MiB") as server:
         r = httpx.post(server.url("/v1/completions"), headers={"X-Request-Id": "text-1"},
-                       json={"prompt": "text", "max_tokens": 3}, timeout=60)
+                       json={"prompt": "text", "max_tokens": 3, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200
         wait_until(lambda: any("request_id=text-1" in line for line in server.lines), "no access line")
         lines = list(server.lines)
