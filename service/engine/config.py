@@ -14,7 +14,7 @@ class EngineConfig:
     max_queue: int = 1024                 # requests that may wait beyond the max_num_seqs that run; 0: none
     request_timeout: float | None = None  # seconds from arrival; None = no limit
     enable_prefix_caching: bool = True
-    num_threads: int | None = None        # the engine thread's torch intra-op threads; None: torch's default
+    num_threads: int | None = None        # the engine thread's torch threads; None: its builder thread's
     single_thread_tokens: int | None = None  # steps of at most this many tokens run on 1 thread; None: measured
     sdpa_decode_seqs: int | None = None   # pure decode steps of at most this many sequences run in the sdpa
                                           # form of --attention flash; None: measured

@@ -78,7 +78,11 @@ class Engine:
         self.scheduler = Scheduler(self.kv_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv_cache, self.kv_manager)
-        self._threads = self._step_threads = 1      # set on the engine thread when it starts
+        # torch's per-thread count starts from whatever any thread set last (an earlier engine's one-thread
+        # step included), so the engine thread sets its count itself: the configured one, else the count
+        # of the thread that builds the engine.
+        self._threads = config.num_threads or torch.get_num_threads()
+        self._step_threads = self._threads
         self._single_thread_tokens = 0              # steps of at most this many tokens run on one thread
         self.sampler = Sampler()
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
@@ -203,13 +207,11 @@ class Engine:
     # ---- engine thread ----
 
     def _loop(self) -> None:
-        if self.config.num_threads is not None:
-            # OpenMP's thread count belongs to the calling thread: set it here, after torch's lazy
-            # per-thread initialisation (which get_num_threads triggers) so that cannot undo it.
-            torch.get_num_threads()
-            torch.set_num_threads(self.config.num_threads)
+        # OpenMP's thread count belongs to the calling thread: set it here, after torch's lazy
+        # per-thread initialisation (which get_num_threads triggers) so that cannot undo it.
+        torch.get_num_threads()
+        torch.set_num_threads(self._threads)
         try:
-            self._threads = self._step_threads = torch.get_num_threads()
             small = self.config.single_thread_tokens
             self._single_thread_tokens = (measure_single_thread_tokens(self.model, self.kv_cache, self._threads)
                                           if small is None else small)

@@ -1,6 +1,8 @@
 """Small steps on one thread: the measured crossover, and the engine switching threads by step size."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -68,3 +70,31 @@ def test_the_engine_runs_small_steps_on_one_thread_and_keeps_its_tokens(tiny, mo
     # the prefill step (10 tokens) runs on 2 threads; the decode steps of 3 sequences on 1 when allowed
     assert (1 in calls) == (single >= 3)
     real(2)
+
+
+def test_an_engine_runs_on_its_builders_threads_after_another_engine_ran_one_thread_steps(tiny, monkeypatch):
+    """torch hands a new thread the count any thread set last: an engine that ran one-thread steps
+    must not leave the next engine (num_threads unset) on one thread for everything."""
+    model, tok = tiny
+    before = torch.get_num_threads()
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    try:
+        torch.set_num_threads(2)
+        first = make_engine(model, tok, num_threads=2, single_thread_tokens=1_000_000)  # every step on 1 thread
+        run_all(first, [([5, 6, 7], params)])
+        first.shutdown()
+        seen: list[int] = []  # the thread count of each forward on an engine thread
+        real_forward = type(model).forward
+
+        def forward(self, *args, **kwargs):
+            if threading.current_thread().name.startswith("kvserve-engine"):
+                seen.append(torch.get_num_threads())
+            return real_forward(self, *args, **kwargs)
+        monkeypatch.setattr(type(model), "forward", forward)
+        second = make_engine(model, tok, single_thread_tokens=0)  # num_threads unset: the builder's 2
+        outs = run_all(second, [([5, 6, 7, 8], params)])
+        second.shutdown()
+        assert tokens_of(outs[0]) == reference_greedy(model, [5, 6, 7, 8], 3)
+        assert seen and set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
