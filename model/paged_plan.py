@@ -101,9 +101,10 @@ class PagedPlan:
     def build(cls, meta: PagedMetadata, *, n_kv_heads: int, group: int, dtype: torch.dtype,
               rope: tuple[Tensor, Tensor] | None = None,
               decode_tile_tokens: int | None = DEFAULT_DECODE_TILE_TOKENS,
-              prefill_tile_tokens: int = DEFAULT_PREFILL_TILE_TOKENS) -> PagedPlan:
+              prefill_tile_tokens: int = DEFAULT_PREFILL_TILE_TOKENS, value_rows: bool = True) -> PagedPlan:
         """rope: the model's (max_seq_len, D) float32 cos / sin tables (None: no rotary rows,
-        for attention-only callers). decode_tile_tokens None: each context in one tile."""
+        for attention-only callers). decode_tile_tokens None: each context in one tile.
+        value_rows: a single CPU decode tile lists its V rows (only the flash form reads them)."""
         device, bs, Hkv = meta.positions.device, meta.block_size, n_kv_heads
         heads = torch.arange(Hkv, device=device)
         slots = meta.slot_mapping
@@ -123,8 +124,8 @@ class PagedPlan:
         all_rows = len(decodes) == len(offsets) - 1 and decodes == list(range(len(decodes)))
         decode_rows = None if all_rows else torch.tensor([offsets[s] for s in decodes], dtype=torch.long, device=device)
         cdtype = compute_dtype(dtype)
-        value_rows = group if device.type == "cpu" else 0
-        decode_tiles = _decode_tiles(meta, decodes, Hkv, pages_per_tile, cdtype, value_rows) if decodes else []
+        row_group = group if value_rows and device.type == "cpu" else 0
+        decode_tiles = _decode_tiles(meta, decodes, Hkv, pages_per_tile, cdtype, row_group) if decodes else []
 
         prefills = []
         prefill_pages = max(1, prefill_tile_tokens // bs)

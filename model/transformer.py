@@ -154,10 +154,10 @@ class Transformer(nn.Module):
     def plan(self, meta: PagedMetadata, attention: str | None = None) -> PagedPlan:
         """Everything the layers need from the step's batch, built once for all of them, for the
         paged form `attention` (default: the model's)."""
-        cfg = self.config
-        tile_tokens = DECODE_TILE_TOKENS[attention or self.attention]
+        cfg, attention = self.config, attention or self.attention
         return PagedPlan.build(meta, n_kv_heads=cfg.n_kv_heads, group=cfg.group_size, dtype=self.dtype,
-                               rope=(self.rope_cos, self.rope_sin), decode_tile_tokens=tile_tokens)
+                               rope=(self.rope_cos, self.rope_sin), decode_tile_tokens=DECODE_TILE_TOKENS[attention],
+                               value_rows=attention == "flash")  # only flash reads V rows in place
 
     def forward(self, input_ids: Tensor, kv_cache: KVCache | None = None, meta: PagedMetadata | None = None,
                 logits_indices: Tensor | None = None, attention: str | None = None) -> Tensor:

@@ -57,3 +57,15 @@ def test_small_pure_decode_steps_run_in_the_sdpa_form_and_keep_their_tokens(tiny
     decode_forms = {form for form, rows, prefills in calls if rows == 3 and not prefills}
     assert decode_forms == ({"sdpa"} if sdpa_seqs >= 3 else {"flash"})
     assert all(form == "flash" for form, _, prefills in calls if prefills)  # prefill stays flash
+
+
+def test_only_a_flash_plan_lists_the_value_rows_it_reads_in_place(tiny):
+    """The V rows of the in-place value product are built once per step, and only for the form that
+    reads them: a step run in the sdpa form does not pay for them."""
+    from kvcache.metadata import PagedMetadata
+
+    model, _ = tiny
+    meta = PagedMetadata.build(query_lens=[1, 1], context_lens=[20, 7], block_tables=[[1, 2], [3]], block_size=16)
+    flash, sdpa = model.plan(meta, "flash"), model.plan(meta, "sdpa")
+    assert [t.rows is not None for t in flash.decode_tiles] == [True]
+    assert [t.rows is None for t in sdpa.decode_tiles] == [True]
