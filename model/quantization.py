@@ -24,8 +24,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from model import kernels
+from model.kernel_forms import Q4Q8Form, Q8Q8Form
 from model.linear import Embedding, Linear
-from model.quantized import GROUP, Int8Weight, Q4Weight, Q8Weight, WeightT, cat_rows, dequantize, quantize_int8_rows, quantize_q4
+from model.quantized import (
+    GROUP,
+    Int8Weight,
+    Q4Weight,
+    Q8Weight,
+    WeightT,
+    cat_rows,
+    dequantize,
+    quantize_int8_rows,
+    quantize_q4,
+    quantize_q8,
+)
 from model.weight_forms import DenseForm, Fp16Form, Int8Form, Q4Form, WeightForm, kernel_available
 
 log = logging.getLogger("kvserve.quantization")
@@ -46,7 +59,7 @@ class WeightPolicy:
     """What `quantization` resolved to: the form for small batches, for large ones, the head's,
     and the crossover (None: measure at load; small == large: one form, no crossover)."""
     quantization: str
-    small: str       # native | q4 | int8 | fp16 | dense ("native": the checkpoint's own quantization)
+    small: str       # native | q4 | int8 | fp16 | dense | q4q8 | q8q8 ("native": the checkpoint's own quantization)
     large: str
     head_small: str
     head_large: str
@@ -58,10 +71,16 @@ class WeightPolicy:
             kind = "q4" if isinstance(w, Q4Weight) else "int8" if isinstance(w, Q8Weight | Int8Weight) else "dense"
         if kind == "q4" and (isinstance(w, Q8Weight | Int8Weight) or w.shape[1] % GROUP):
             kind = "int8"  # 8-bit stays 8-bit; and the int4 kernel needs whole groups along K
+        if kind == "q4q8" and isinstance(w, Q8Weight | Int8Weight):
+            kind = "q8q8"  # kvserve's kernels (model/kernel_forms.py): 8-bit stays 8-bit there too
+        if kind in ("q4q8", "q8q8") and w.shape[1] % GROUP:
+            kind = "dense"  # they need whole groups along K
         if not kernel_available(kind, torch.device(self.device).type):
             if (kind, self.device) not in _warned:
                 _warned.add((kind, self.device))
-                log.warning("no %s kernel on %s in this torch build: running dequantized dense weights", kind, self.device)
+                reason = kernels.unavailable_reason() if kind in ("q4q8", "q8q8") else None
+                why = f"({reason})" if reason else "in this torch build"
+                log.warning("no %s kernel on %s %s: running dequantized dense weights", kind, self.device, why)
             kind = "dense"
         if kind == "dense":
             return DenseForm(dequantize(w).to(self.device, dtype) if not isinstance(w, Tensor) else w.to(self.device, dtype))
@@ -69,6 +88,10 @@ class WeightPolicy:
             return Fp16Form(dequantize(w))
         if kind == "int8":
             return Int8Form(w if isinstance(w, Int8Weight) else quantize_int8_rows(dequantize(w)))
+        if kind == "q4q8":
+            return Q4Q8Form(w if isinstance(w, Q4Weight) else quantize_q4(dequantize(w)))
+        if kind == "q8q8":
+            return Q8Q8Form(w if isinstance(w, Q8Weight) else quantize_q8(dequantize(w)))
         return Q4Form(w if isinstance(w, Q4Weight) else quantize_q4(dequantize(w)))
 
     def linear(self, parts: list[WeightT], dtype: torch.dtype, *, bias: Tensor | None = None, head: bool = False) -> Linear:
