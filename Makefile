@@ -28,8 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "$(XGRAMMAR_SPEC)"
 	touch $(STAMP)
 
-# kvserve's C++ weight kernels, compiled for the torch just installed (a C++ compiler is needed)
-$(KERNEL_LIB): $(STAMP) model/kernels/q8_dot.cpp model/kernels/build.py
+# kvserve's C++ kernels (weights, dense matmul, paged attention), compiled for the torch just installed (a C++ compiler is needed)
+$(KERNEL_LIB): $(STAMP) $(wildcard model/kernels/*.cpp) model/kernels/build.py
 	$(BIN)/python -m model.kernels.build --march $(KERNEL_MARCH)
 	touch $(KERNEL_LIB)
 

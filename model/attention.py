@@ -72,10 +72,23 @@ def flash_attention(
 
 
 ATTENTION_IMPLS: dict[str, Callable[..., Tensor]] = {
+    "kernel": flash_attention,  # the C++ kernel reads the paged cache only; without a cache its model runs flash
     "flash": flash_attention,
     "sdpa": sdpa_attention,
     "naive": naive_attention,
 }
+
+
+ATTENTION_CHOICES = ("auto", *ATTENTION_IMPLS)
+
+
+def resolve_attention(name: str, device: torch.device | str) -> str:
+    """`auto`: the C++ kernel on CPU where its library is built (batch-invariant), else flash."""
+    if name != "auto":
+        get_attention(name)
+        return name
+    from model import kernels  # loads the library on first use
+    return "kernel" if torch.device(device).type == "cpu" and kernels.available() else "flash"
 
 
 def get_attention(name: str) -> Callable[..., Tensor]:

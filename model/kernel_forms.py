@@ -2,6 +2,7 @@
 
     Q4Q8Form  GGUF Q4_1 weights (`kvserve::q4_1_mm`)
     Q8Q8Form  GGUF Q8_0 weights (`kvserve::q8_0_mm`)
+    F32Form   dense weights as float32, one fused multiply-add chain per output (`kvserve::dense_mm`)
 
 Both quantize each activation row per group of 32 to int8 inside the kernel and sum exact integer
 products, as llama.cpp does (q8_dot.cpp says how). A row's output does not depend on the other rows,
@@ -85,6 +86,28 @@ class Q8Q8Form(WeightForm):
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.ops.kvserve.q8_0_mm(x, self.packed, self.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+
+class F32Form(WeightForm):
+    """Dense weights where torch's matmul would pick a kernel by row count (gemv for one row,
+    blocked gemm beyond), so that a row's logits would change with its batch: packed once in
+    panels of 16 outputs, every output summed over K in order whatever M (dense_mm.cpp)."""
+    name = "f32"
+
+    def __init__(self, weight: Tensor):
+        self.source: Tensor = weight.detach().float()
+        self.shape = (weight.shape[0], weight.shape[1])
+        self.packed = torch.ops.kvserve.dense_pack(self.source)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.kvserve.dense_mm(x, self.packed, self.shape[0])
+
+    def dequantize(self) -> Tensor:
+        return self.source
 
     @property
     def nbytes(self) -> int:

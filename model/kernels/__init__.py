@@ -1,4 +1,6 @@
-"""kvserve's own CPU weight kernels: GGUF Q4_1 / Q8_0 weights x float32 activations (q8_dot.cpp).
+"""kvserve's own CPU kernels, each giving a row the same bits whatever else its batch holds:
+GGUF Q4_1 / Q8_0 weights x float32 activations (q8_dot.cpp), dense float32 matmul in one fixed
+order (dense_mm.cpp), and paged attention one query row at a time (paged_attention.cpp).
 
 Built by `make install` (`python -m model.kernels.build`) into model/kernels/_build/, never at import
 or run time. `available()` loads the library on first use and says whether its ops
@@ -13,7 +15,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "q8_dot.cpp"
+SOURCES = tuple(HERE / name for name in ("q8_dot.cpp", "dense_mm.cpp", "paged_attention.cpp"))
 BUILD_DIR = HERE / "_build"
 BUILD_INFO = BUILD_DIR / "build.json"
 LIBRARY_NAME = "kvserve_kernels"

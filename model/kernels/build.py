@@ -1,4 +1,4 @@
-"""`python -m model.kernels.build [--march native]`: compile the weight kernels (q8_dot.cpp) into
+"""`python -m model.kernels.build [--march native]`: compile the kernels (model/kernels/*.cpp) into
 model/kernels/_build/ with torch's C++ extension tooling (ninja), for the torch installed here.
 
 Run by `make install` and the Dockerfile, never at import or serve time. Writes build.json beside
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from model.kernels import BUILD_DIR, BUILD_INFO, LIBRARY_NAME, SOURCE
+from model.kernels import BUILD_DIR, BUILD_INFO, LIBRARY_NAME, SOURCES
 
 # compiler macro -> the /proc/cpuinfo flag the CPU must show for code built with it
 CPU_FEATURES = {
@@ -57,7 +57,7 @@ def build(march: str) -> str:
     cflags = flags(march)
     features = cpu_features(march) if platform.machine() in ("x86_64", "AMD64") else []
     start = time.perf_counter()
-    cpp_extension.load(name=LIBRARY_NAME, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+    cpp_extension.load(name=LIBRARY_NAME, sources=[str(s) for s in SOURCES], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                        build_directory=str(BUILD_DIR), is_python_module=False, verbose=False)
     path = torch.ops.kvserve.simd_path()
     info = {"torch": torch.__version__, "march": march, "cflags": cflags, "cpu_features": features, "simd_path": path}
