@@ -173,6 +173,10 @@ def test_steps_zero_writes_the_initialised_model(tmp_path, small_text):
     (["--variant", "gqa-2", "--steps", "1"], "fewer than the checkpoint's 2; choose mqa"),
     (["--variant", "gqa-3", "--steps", "1"], "invalid variant 'gqa-3'"),
     (["--variant", "mqa", "--steps", "1", "--init", "svd"], "invalid choice: 'svd'"),
+    (["--variant", "mqa", "--steps", "1", "--spike-factor", "1"], "--spike-factor=1.0 is out of range: must be > 1"),
+    (["--variant", "mqa", "--steps", "1", "--warmup-steps", "-1"], "--warmup-steps=-1 is out of range: must be >= 0"),
+    (["--variant", "mqa", "--steps", "1", "--clip-norm", "0"], "--clip-norm=0.0 is out of range: must be > 0"),
+    (["--variant", "mqa", "--steps", "1", "--max-rollbacks", "0"], "--max-rollbacks=0 is out of range: must be >= 1"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, small_text, argv, message):
     try:
