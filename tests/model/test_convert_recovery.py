@@ -126,22 +126,34 @@ def _distiller(tmp_path, **kw) -> Distiller:
     return distiller
 
 
+def _trained_state(distiller) -> tuple[dict, list]:
+    """Copies of the trained tensors and of Adam's state tensors, in a fixed order."""
+    tensors = {n: p.detach().clone() for n, p in distiller.params.items()}
+    return tensors, [t.clone() for s in distiller.optimizer.state.values() for t in s.values()]
+
+
+def _same_state(distiller, saved: tuple[dict, list]) -> bool:
+    tensors, moments = _trained_state(distiller)
+    return (all(torch.equal(t, saved[0][n]) for n, t in tensors.items()) and len(moments) == len(saved[1])
+            and all(torch.equal(a, b) for a, b in zip(moments, saved[1])))
+
+
 def test_a_non_finite_gradient_is_skipped_and_never_reaches_adam(tmp_path):
     distiller = _distiller(tmp_path, steps=10, snapshot_every=2)
-    for _ in range(3):
+    for _ in range(2):
         distiller.step()
+    at_step_2 = _trained_state(distiller)
+    distiller.step()
     param = next(iter(distiller.params.values()))
     handle = param.register_hook(lambda grad: grad * math.nan)
-    tensors = {n: p.detach().clone() for n, p in distiller.params.items()}
-    moments = [t.clone() for s in distiller.optimizer.state.values() for t in s.values()]
+    at_step_3 = _trained_state(distiller)
     distiller.step()
     assert distiller.state.step == 4 and distiller.state.history["skipped_steps"] == [3]
-    assert all(torch.equal(p, tensors[n]) for n, p in distiller.params.items())
-    assert all(torch.equal(a, b) for a, b in zip(moments, [t for s in distiller.optimizer.state.values()
-                                                           for t in s.values()]))
+    assert _same_state(distiller, at_step_3)  # neither the tensors nor Adam's moments saw the NaNs
     distiller.step()
     distiller.step()  # a third non-finite step in a row rolls back to the last good snapshot (step 2)
     assert distiller.state.history["rollbacks"][0]["to_step"] == 2 and distiller.state.step == 2
+    assert _same_state(distiller, at_step_2)  # tensors and Adam's state as they were before step 2
     handle.remove()
     distiller.step()
     assert distiller.state.step == 3 and all(bool(p.isfinite().all()) for p in distiller.params.values())
