@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from model import kernels
 from model.quantized import GROUP, Q4Weight, Q8Weight
 from model.weight_forms import WeightForm
 
@@ -55,6 +56,8 @@ def pack_q8(w: Q8Weight) -> Tensor:
 def _check(k: int, what: str) -> None:
     if k % GROUP:
         raise ValueError(f"{what}: K={k} is not a multiple of the group size {GROUP}")
+    if not kernels.available():  # loads the library on first use
+        raise RuntimeError(f"{what}: {kernels.unavailable_reason()}")
 
 
 class Q4Q8Form(WeightForm):

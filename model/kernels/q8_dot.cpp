@@ -14,8 +14,9 @@
 //     Q4_1 (160 bytes): d[8] m[8], 4 x 32 bytes: vector j lane c byte b = q(c, 4j+b) | q(c, 16+4j+b) << 4
 //     Q8_0 (272 bytes): d[8], 8 x 32 bytes: vector t lane c byte b = q(c, 4t+b)
 // so one broadcast of 4 activation bytes meets 8 output rows, and no horizontal sum is ever needed.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -23,7 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <memory>
+#include <string>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -40,10 +42,10 @@ constexpr int64_t ROW_TILE = 4;      // activation rows that share one unpacked 
 
 // Activations quantized per group: q (M, K) int8, d and s (M, K / 32) float32.
 struct QRows {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
+  std::unique_ptr<int8_t[]> q;  // not zeroed: every byte is written before it is read
+  std::unique_ptr<float[]> d, s;
   int64_t k = 0, groups = 0;
-  const int8_t* qs(int64_t row, int64_t g) const { return q.data() + row * k + g * GROUP; }
+  const int8_t* qs(int64_t row, int64_t g) const { return q.get() + row * k + g * GROUP; }
   float dx(int64_t row, int64_t g) const { return d[row * groups + g]; }
   float sx(int64_t row, int64_t g) const { return s[row * groups + g]; }
 };
@@ -101,17 +103,17 @@ QRows quantize_rows(const at::Tensor& x, bool portable) {
   const int64_t m = x.size(0);
   out.k = x.size(1);
   out.groups = out.k / GROUP;
-  out.q.resize(m * out.k);
-  out.d.resize(m * out.groups);
-  out.s.resize(m * out.groups);
+  out.q.reset(new int8_t[m * out.k]);
+  out.d.reset(new float[m * out.groups]);
+  out.s.reset(new float[m * out.groups]);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t g = 0; g < out.groups; ++g) {
         const float* src = xp + r * out.k + g * GROUP;
-        int8_t* q = out.q.data() + r * out.k + g * GROUP;
-        float* d = out.d.data() + r * out.groups + g;
-        float* s = out.s.data() + r * out.groups + g;
+        int8_t* q = out.q.get() + r * out.k + g * GROUP;
+        float* d = out.d.get() + r * out.groups + g;
+        float* s = out.s.get() + r * out.groups + g;
 #ifdef KV_SIMD
         if (!portable) { quantize_group_simd(src, q, d, s); continue; }
 #endif
@@ -292,17 +294,16 @@ at::Tensor matmul(Kind kind, const at::Tensor& x_in, const at::Tensor& packed, i
   // enough blocks per task that a thread streams a few tens of KB per row
   const int64_t grain = std::max<int64_t>(1, 32768 / (groups * block_bytes * std::min<int64_t>(m, 8)));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> tail;
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* blk = wp + b * groups * block_bytes;
       if (b < full) {
         run_block(kind, blk, a, m, op + b * COLS, n, portable);
         continue;
       }
-      tail.assign(m * COLS, 0.0f);  // the last, partial block: through a buffer
-      run_block(kind, blk, a, m, tail.data(), COLS, portable);
+      std::unique_ptr<float[]> tail(new float[m * COLS]);  // the last, partial block: through a buffer
+      run_block(kind, blk, a, m, tail.get(), COLS, portable);
       for (int64_t r = 0; r < m; ++r)
-        std::copy(tail.begin() + r * COLS, tail.begin() + r * COLS + (n - b * COLS), op + r * n + b * COLS);
+        std::copy(tail.get() + r * COLS, tail.get() + r * COLS + (n - b * COLS), op + r * n + b * COLS);
     }
   });
   return out;
