@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 
@@ -51,9 +52,18 @@ struct QRows {
 };
 
 // ---- activation quantization (one row group); both versions give the same bits ----------------
+// A group holding a NaN or an infinity gets d = s = NaN and codes 0: its row's outputs are NaN, on every path.
+void mark_nan_group(int8_t* q, float* d, float* s) {
+  std::memset(q, 0, GROUP);
+  *d = *s = std::numeric_limits<float>::quiet_NaN();
+}
+
 void quantize_group_scalar(const float* x, int8_t* q, float* d, float* s) {
   float amax = 0.0f;
-  for (int i = 0; i < GROUP; ++i) amax = std::max(amax, std::fabs(x[i]));
+  for (int i = 0; i < GROUP; ++i) {
+    if (!std::isfinite(x[i])) return mark_nan_group(q, d, s);
+    amax = std::max(amax, std::fabs(x[i]));
+  }
   const float dx = amax / 127.0f;
   const float inv = dx != 0.0f ? 1.0f / dx : 0.0f;
   int sum = 0;
@@ -70,11 +80,15 @@ void quantize_group_scalar(const float* x, int8_t* q, float* d, float* s) {
 void quantize_group_simd(const float* x, int8_t* q, float* d, float* s) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 v[4];
-  __m256 amax = _mm256_setzero_ps();
+  const __m256 largest = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(x + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    const __m256 a = _mm256_andnot_ps(sign, v[i]);
+    amax = _mm256_max_ps(amax, a);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, largest, _CMP_NLE_UQ));  // inf or NaN
   }
+  if (_mm256_movemask_ps(bad)) return mark_nan_group(q, d, s);
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
