@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from model import kernels
 from model.quantized import GROUP, Q4Weight, Q8Weight
 from model.weight_forms import WeightForm
 
@@ -56,6 +57,8 @@ def pack_q8(w: Q8Weight) -> Tensor:
 def _check(k: int, what: str) -> None:
     if k % GROUP:
         raise ValueError(f"{what}: K={k} is not a multiple of the group size {GROUP}")
+    if not kernels.available():  # loads the library on first use
+        raise RuntimeError(f"{what}: {kernels.unavailable_reason()}")
 
 
 class Q4Q8Form(WeightForm):
@@ -66,9 +69,10 @@ class Q4Q8Form(WeightForm):
         self.source: Q4Weight = weight
         self.shape = weight.shape
         self.packed = pack_q4(weight)
+        self._mm = torch.ops.kvserve.q4_1_mm.default  # the overload itself: no resolution per call
 
     def __call__(self, x: Tensor) -> Tensor:
-        return torch.ops.kvserve.q4_1_mm(x, self.packed, self.shape[0])
+        return self._mm(x, self.packed, self.shape[0])
 
     @property
     def nbytes(self) -> int:
@@ -83,9 +87,10 @@ class Q8Q8Form(WeightForm):
         self.source: Q8Weight = weight
         self.shape = weight.shape
         self.packed = pack_q8(weight)
+        self._mm = torch.ops.kvserve.q8_0_mm.default
 
     def __call__(self, x: Tensor) -> Tensor:
-        return torch.ops.kvserve.q8_0_mm(x, self.packed, self.shape[0])
+        return self._mm(x, self.packed, self.shape[0])
 
     @property
     def nbytes(self) -> int:

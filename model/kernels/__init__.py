@@ -22,17 +22,6 @@ LIBRARY_NAME = "kvserve_kernels"
 BUILD_HINT = "run `make install` or `python -m model.kernels.build`"
 
 
-def _cpu_flags() -> set[str] | None:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return None
-
-
 def build_problem(build_dir: Path, torch_version: str, cpu_flags: set[str] | None) -> str | None:
     """Why the library in `build_dir` must not be loaded here (None: it may be)."""
     library, info_file = build_dir / f"{LIBRARY_NAME}.so", build_dir / "build.json"
@@ -53,7 +42,9 @@ def _load() -> str | None:
     """None once the library is loaded, else why it cannot be."""
     import torch
 
-    problem = build_problem(BUILD_DIR, torch.__version__, _cpu_flags())
+    from model.dtypes import cpu_flags
+
+    problem = build_problem(BUILD_DIR, torch.__version__, cpu_flags() or None)  # empty: unreadable, not checked
     if problem is not None:
         return problem
     try:

@@ -14,8 +14,9 @@
 //     Q4_1 (160 bytes): d[8] m[8], 4 x 32 bytes: vector j lane c byte b = q(c, 4j+b) | q(c, 16+4j+b) << 4
 //     Q8_0 (272 bytes): d[8], 8 x 32 bytes: vector t lane c byte b = q(c, 4t+b)
 // so one broadcast of 4 activation bytes meets 8 output rows, and no horizontal sum is ever needed.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -23,7 +24,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <limits>
+#include <memory>
+#include <string>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -40,18 +43,27 @@ constexpr int64_t ROW_TILE = 4;      // activation rows that share one unpacked 
 
 // Activations quantized per group: q (M, K) int8, d and s (M, K / 32) float32.
 struct QRows {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
+  std::unique_ptr<int8_t[]> q;  // not zeroed: every byte is written before it is read
+  std::unique_ptr<float[]> d, s;
   int64_t k = 0, groups = 0;
-  const int8_t* qs(int64_t row, int64_t g) const { return q.data() + row * k + g * GROUP; }
+  const int8_t* qs(int64_t row, int64_t g) const { return q.get() + row * k + g * GROUP; }
   float dx(int64_t row, int64_t g) const { return d[row * groups + g]; }
   float sx(int64_t row, int64_t g) const { return s[row * groups + g]; }
 };
 
 // ---- activation quantization (one row group); both versions give the same bits ----------------
+// A group holding a NaN or an infinity gets d = s = NaN and codes 0: its row's outputs are NaN, on every path.
+void mark_nan_group(int8_t* q, float* d, float* s) {
+  std::memset(q, 0, GROUP);
+  *d = *s = std::numeric_limits<float>::quiet_NaN();
+}
+
 void quantize_group_scalar(const float* x, int8_t* q, float* d, float* s) {
   float amax = 0.0f;
-  for (int i = 0; i < GROUP; ++i) amax = std::max(amax, std::fabs(x[i]));
+  for (int i = 0; i < GROUP; ++i) {
+    if (!std::isfinite(x[i])) return mark_nan_group(q, d, s);
+    amax = std::max(amax, std::fabs(x[i]));
+  }
   const float dx = amax / 127.0f;
   const float inv = dx != 0.0f ? 1.0f / dx : 0.0f;
   int sum = 0;
@@ -68,11 +80,15 @@ void quantize_group_scalar(const float* x, int8_t* q, float* d, float* s) {
 void quantize_group_simd(const float* x, int8_t* q, float* d, float* s) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 v[4];
-  __m256 amax = _mm256_setzero_ps();
+  const __m256 largest = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(x + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    const __m256 a = _mm256_andnot_ps(sign, v[i]);
+    amax = _mm256_max_ps(amax, a);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, largest, _CMP_NLE_UQ));  // inf or NaN
   }
+  if (_mm256_movemask_ps(bad)) return mark_nan_group(q, d, s);
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
@@ -101,17 +117,17 @@ QRows quantize_rows(const at::Tensor& x, bool portable) {
   const int64_t m = x.size(0);
   out.k = x.size(1);
   out.groups = out.k / GROUP;
-  out.q.resize(m * out.k);
-  out.d.resize(m * out.groups);
-  out.s.resize(m * out.groups);
+  out.q.reset(new int8_t[m * out.k]);
+  out.d.reset(new float[m * out.groups]);
+  out.s.reset(new float[m * out.groups]);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t g = 0; g < out.groups; ++g) {
         const float* src = xp + r * out.k + g * GROUP;
-        int8_t* q = out.q.data() + r * out.k + g * GROUP;
-        float* d = out.d.data() + r * out.groups + g;
-        float* s = out.s.data() + r * out.groups + g;
+        int8_t* q = out.q.get() + r * out.k + g * GROUP;
+        float* d = out.d.get() + r * out.groups + g;
+        float* s = out.s.get() + r * out.groups + g;
 #ifdef KV_SIMD
         if (!portable) { quantize_group_simd(src, q, d, s); continue; }
 #endif
@@ -292,17 +308,16 @@ at::Tensor matmul(Kind kind, const at::Tensor& x_in, const at::Tensor& packed, i
   // enough blocks per task that a thread streams a few tens of KB per row
   const int64_t grain = std::max<int64_t>(1, 32768 / (groups * block_bytes * std::min<int64_t>(m, 8)));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> tail;
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* blk = wp + b * groups * block_bytes;
       if (b < full) {
         run_block(kind, blk, a, m, op + b * COLS, n, portable);
         continue;
       }
-      tail.assign(m * COLS, 0.0f);  // the last, partial block: through a buffer
-      run_block(kind, blk, a, m, tail.data(), COLS, portable);
+      std::unique_ptr<float[]> tail(new float[m * COLS]);  // the last, partial block: through a buffer
+      run_block(kind, blk, a, m, tail.get(), COLS, portable);
       for (int64_t r = 0; r < m; ++r)
-        std::copy(tail.begin() + r * COLS, tail.begin() + r * COLS + (n - b * COLS), op + r * n + b * COLS);
+        std::copy(tail.get() + r * COLS, tail.get() + r * COLS + (n - b * COLS), op + r * n + b * COLS);
     }
   });
   return out;

@@ -108,6 +108,18 @@ def test_extreme_codes_and_scales():
     assert torch.equal(Q8Q8Form(q8)(x), torch.tensor([[-128.0 * 127 * k] * 9, [128.0 * 127 * k] * 9, [0.0] * 9]))
 
 
+def test_a_non_finite_activation_gives_a_nan_row_on_every_path_and_no_other():
+    x = activations(4, 96, seed=3)
+    x[1, 40] = float("nan")
+    x[2, 7] = float("-inf")
+    for form, op in ((Q4Q8Form(random_q4(21, 96, seed=3)), torch.ops.kvserve.q4_1_mm),
+                     (Q8Q8Form(random_q8(21, 96, seed=3)), torch.ops.kvserve.q8_0_mm)):
+        out = form(x)
+        assert out[1:3].isnan().all() and not out[[0, 3]].isnan().any()
+        assert torch.equal(out[[0, 3]], form(x[[0, 3]]))
+        assert torch.allclose(out, op(x, form.packed, 21, True), rtol=0, atol=0, equal_nan=True)
+
+
 def test_forms_keep_the_exact_weight_and_their_packed_size():
     w4, w8 = random_q4(45, 64, seed=1), random_q8(45, 64, seed=1)
     f4, f8 = Q4Q8Form(w4), Q8Q8Form(w8)

@@ -1,7 +1,7 @@
 """Batch invariance of the q4q8 / q8q8 kernels: a row's output, bit for bit, whatever else is computed.
 
 Each row alone against the same row inside batches of 1-64 random other rows, at 1 and 2 threads,
-on odd N (not whole blocks of 8) and several K; shuffled batches give the same rows shuffled; the
+on odd N (not whole blocks of 8; N=1001 is split between threads even for one row) and several K; shuffled batches give the same rows shuffled; the
 real SmolLM2 layer 0 and LM head (slow). torch.equal throughout: any M-dependent tiling, thread-
 dependent split of K or SIMD/scalar disagreement shows up as a changed bit.
 """
@@ -33,7 +33,7 @@ def forms(n: int, k: int, seed: int):
     return [Q4Q8Form(random_q4(n, k, seed)), Q8Q8Form(random_q8(n, k, seed))]
 
 
-@pytest.mark.parametrize("shape", [(45, 64), (203, 96), (37, 576)], ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("shape", [(45, 64), (203, 96), (37, 576), (1001, 64)], ids=lambda s: f"N{s[0]}-K{s[1]}")
 def test_a_row_alone_equals_the_row_in_any_batch_at_any_thread_count(shape, threads):
     n, k = shape
     probe = activations(3, k, seed=7)
