@@ -72,10 +72,10 @@ def flash_attention(
 
 
 ATTENTION_IMPLS: dict[str, Callable[..., Tensor]] = {
-    "kernel": flash_attention,  # the C++ kernel reads the paged cache only; without a cache its model runs flash
     "flash": flash_attention,
     "sdpa": sdpa_attention,
     "naive": naive_attention,
+    "kernel": flash_attention,  # the C++ kernel reads the paged cache only; without a cache its model runs flash
 }
 
 
@@ -84,11 +84,15 @@ ATTENTION_CHOICES = ("auto", *ATTENTION_IMPLS)
 
 def resolve_attention(name: str, device: torch.device | str) -> str:
     """`auto`: the C++ kernel on CPU where its library is built (batch-invariant), else flash."""
-    if name != "auto":
-        get_attention(name)
+    get_attention("flash" if name == "auto" else name)  # an unknown name fails here
+    if name not in ("auto", "kernel"):
         return name
     from model import kernels  # loads the library on first use
-    return "kernel" if torch.device(device).type == "cpu" and kernels.available() else "flash"
+    cpu = torch.device(device).type == "cpu"
+    if name == "kernel" and not (cpu and kernels.available()):
+        raise ValueError(f"attention 'kernel' runs on CPU with kvserve's kernel library: "
+                         f"{kernels.unavailable_reason() or 'not on ' + str(device)}")
+    return "kernel" if cpu and kernels.available() else "flash"
 
 
 def get_attention(name: str) -> Callable[..., Tensor]:

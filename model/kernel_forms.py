@@ -104,12 +104,15 @@ class F32Form(WeightForm):
     name = "f32"
 
     def __init__(self, weight: Tensor):
+        if not kernels.available():  # loads the library on first use
+            raise RuntimeError(f"f32 form: {kernels.unavailable_reason()}")
         self.source: Tensor = weight.detach().float()
         self.shape = (weight.shape[0], weight.shape[1])
         self.packed = torch.ops.kvserve.dense_pack(self.source)
+        self._mm = torch.ops.kvserve.dense_mm.default
 
     def __call__(self, x: Tensor) -> Tensor:
-        return torch.ops.kvserve.dense_mm(x, self.packed, self.shape[0])
+        return self._mm(x, self.packed, self.shape[0])
 
     def dequantize(self) -> Tensor:
         return self.source

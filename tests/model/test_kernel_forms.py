@@ -150,7 +150,10 @@ def test_policy_dispatches_the_kernel_kinds():
     assert isinstance(q8, Q8Q8Form) and torch.equal(q8.source.qs, quantize_q8(dense).qs)
     q4 = policy.form("q4q8", dense, torch.float32)
     assert isinstance(q4, Q4Q8Form) and torch.equal(q4.source.qs, quantize_q4(dense).qs)
-    assert policy.form("q8q8", torch.randn(8, 40), torch.float32).name == "dense"  # K not whole groups
+    assert policy.form("q8q8", torch.randn(8, 40), torch.float32).name == "f32"  # K not whole groups: still invariant
+    kinds = {type(policy.form("kernel", w, torch.float32)).__name__
+             for w in (random_q4(24, 64, seed=1), random_q8(24, 64, seed=1), dense)}
+    assert kinds == {"Q4Q8Form", "Q8Q8Form", "F32Form"}  # auto's one kind: each checkpoint tensor on its kernel
 
 
 def test_quantize_q8_is_llama_cpps_rule():
