@@ -215,7 +215,7 @@ class Engine:
             small = self.config.single_thread_tokens
             self._single_thread_tokens = (measure_single_thread_tokens(self.model, self.kv_cache, self._threads)
                                           if small is None else small)
-            sdpa = self.config.sdpa_decode_seqs
+            sdpa = self.config.sdpa_decode_seqs if self.model.attention == "flash" else 0  # flash's other form only
             self.runner.sdpa_decode_seqs = (measure_sdpa_decode_seqs(self.model, self.kv_cache, self._threads_for)
                                             if sdpa is None else sdpa)
             while not self._stop.is_set():
