@@ -4,11 +4,17 @@ reference; SGLang's /generate and a request without `model` through the router; 
 routers add logged as an unknown field by a worker."""
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 
 from tests.service.router.router_process import RouterProcess
+
+ROUTER_DASHBOARD = Path(__file__).resolve().parents[3] / "deploy" / "grafana" / "router.json"
 
 PROMPT = "Routers send each prefix to one worker"
 CHAT = [{"role": "user", "content": "Which worker holds my prefix?"}]
@@ -69,3 +75,13 @@ def test_workers_log_no_unknown_fields(workers, router, client):
     client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=1)
     for w in workers:
         assert "ignored unknown fields" not in w.log
+
+
+def test_the_router_dashboard_names_metrics_the_router_exports(router, client):
+    if router.kind != "sglang":
+        pytest.skip("deploy/grafana/router.json is sglang-router's dashboard")
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1)
+    exported = set(re.findall(r"^(smg_[a-z_]+)", router.metrics(), re.MULTILINE))
+    board = json.loads(ROUTER_DASHBOARD.read_text())
+    used = {n for p in board["panels"] for t in p["targets"] for n in re.findall(r"\bsmg_[a-z_]+", t["expr"])}
+    assert used and used <= exported, sorted(used - exported)
