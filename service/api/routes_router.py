@@ -13,6 +13,7 @@ Hugging Face Hub when it is no local directory), which a router in front of kvse
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
+from model.sampling_params import SamplingParams
 from service.api.pipeline import Job, Pipeline
 from service.api.protocol import SSE_DONE, RequestBody, error_body, sse_event
 from service.api.protocol_native import GenerateRequest
@@ -35,7 +37,12 @@ from service.api.protocol_sglang import (
 from service.api.sse import EventStream
 from service.engine.outputs import RequestOutput
 
-KVSERVE_VERSION = "0.1.0"
+
+def kvserve_version() -> str:
+    try:
+        return importlib.metadata.version("kvserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 def generate_body_class(raw: bytes) -> type[RequestBody]:
@@ -48,7 +55,7 @@ def generate_body_class(raw: bytes) -> type[RequestBody]:
     return SGLangGenerateRequest if isinstance(data, dict) and is_sglang_generate(data) else GenerateRequest
 
 
-def _render(request_id: str, model: str, ids: list[int], params, salt: str | None) -> dict:
+def _render(request_id: str, model: str, ids: list[int], params: SamplingParams, salt: str | None) -> dict:
     """vLLM's GenerateRequest shape: what the worker would run for this prompt."""
     sp = {f: getattr(params, f) for f in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                                           "stop", "stop_token_ids", "ignore_eos", "min_tokens")}
@@ -99,7 +106,7 @@ def register_router_routes(app: FastAPI, pipe: Pipeline) -> None:
     def server_info() -> dict:
         engine = state.engines[state.default_variant]
         c = engine.config
-        return {"served_model_name": state.model_name, "model_ids": state.model_ids(), "version": KVSERVE_VERSION,
+        return {"served_model_name": state.model_name, "model_ids": state.model_ids(), "version": kvserve_version(),
                 "dp_size": 1, "tp_size": 1, "max_model_len": engine.max_model_len,
                 "max_total_tokens": engine.kv_manager.num_blocks * c.block_size, "max_running_requests": c.max_num_seqs,
                 "max_prefill_tokens": c.max_num_batched_tokens, "page_size": c.block_size}
