@@ -259,3 +259,13 @@ def test_kvserve_dashboard_has_the_per_replica_view():
     used = {n for e in per_replica for n in re.findall(r"\bkvserve_[a-z_]+", e)}
     assert {"kvserve_prefix_cache_hits_total", "kvserve_prefix_cache_queries_total",
             "kvserve_num_requests_running", "kvserve_num_requests_waiting"} <= used <= SERIES_NAMES
+
+
+@needs_promtool
+def test_router_dashboard_expressions_parse(tmp_path):
+    rules = [{"record": f"router:query_{i}", "expr": e.replace("$__rate_interval", "1m")}
+             for i, (_, e) in enumerate(panel_exprs(ROUTER_DASHBOARD))]
+    (tmp_path / "router_rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "r", "rules": rules}]}))
+    result = promtool("check", "rules", "router_rules.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(rules)} rules found" in result.stdout
