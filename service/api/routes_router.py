@@ -2,11 +2,13 @@
 
 sglang-router (0.3.2) registers a worker from `GET /health`, `GET /server_info` (the model id is
 its `served_model_name`) and `GET /model_info`; SGLang's older names `/get_server_info` and
-`/get_model_info` answer the same. vllm-router (0.1.17) asks every worker, for each request it
-routes by cache, for the token ids of the rendered prompt: `POST /v1/completions/render` (a list
-of one generate request per prompt, as vLLM answers) and `POST /v1/chat/completions/render` (one
-generate request); it reads `token_ids`. The render routes parse the body exactly as the
-generation routes do, so a body the worker would refuse is refused here too.
+`/get_model_info` answer the same. Its load monitor (power_of_two) polls `GET /get_load`. Its
+`/flush_cache` is not offered: kvserve's prefix cache evicts least recently used blocks itself.
+vllm-router (0.1.17) asks every worker, for each request it routes by cache, for the token ids of
+the rendered prompt: `POST /v1/completions/render` (a list of one generate request per prompt, as
+vLLM answers) and `POST /v1/chat/completions/render` (one generate request); it reads `token_ids`.
+The render routes parse the body exactly as the generation routes do, so a body the worker would
+refuse is refused here too.
 
 /server_info leaves out `model_path`: sglang-router loads a tokenizer from it (downloading from the
 Hugging Face Hub when it is no local directory), which a router in front of kvserve never needs.
@@ -128,6 +130,18 @@ def register_router_routes(app: FastAPI, pipe: Pipeline) -> None:
     async def get_model_info(request: Request) -> Response:
         pipe.admit(request)
         return JSONResponse(model_info())
+
+    @app.get("/get_load")
+    async def get_load(request: Request) -> Response:
+        """SGLang's load report, one entry per engine (sglang-router's power_of_two and its load
+        monitor read `num_waiting_reqs` / `num_tokens`)."""
+        pipe.admit(request)
+        loads = []
+        for rank, engine in enumerate(state.engines.values()):
+            stats = engine.stats()
+            loads.append({"dp_rank": rank, "num_reqs": stats.num_running + stats.num_waiting,
+                          "num_waiting_reqs": stats.num_waiting, "num_tokens": stats.kv.stored_tokens})
+        return JSONResponse(loads)
 
     @app.post("/v1/completions/render")
     async def completions_render(request: Request) -> Response:

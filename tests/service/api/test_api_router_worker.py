@@ -41,6 +41,14 @@ def test_model_info(http, path):
     assert (info["model_path"], info["is_generation"], info["vocab_size"]) == ("tiny", True, 259)
 
 
+def test_get_load_counts_what_the_engine_holds(http, shared_server):
+    (load,) = http.get("/get_load").json()
+    running = shared_server.metric("kvserve_num_requests_running")
+    waiting = shared_server.metric("kvserve_num_requests_waiting")
+    assert (load["dp_rank"], load["num_reqs"], load["num_waiting_reqs"]) == (0, running + waiting, waiting)
+    assert load["num_tokens"] == shared_server.metric("kvserve_kv_cache_stored_tokens")
+
+
 def test_completions_render_is_the_prompt_token_ids(tiny_ref, http):
     r = http.post("/v1/completions/render", json={"prompt": [PROMPT, "xyz"], "max_tokens": 5, "seed": 3})
     assert r.status_code == 200
