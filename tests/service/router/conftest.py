@@ -34,9 +34,10 @@ def stop_workers(servers: list[LiveServer]) -> None:
             s.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workers() -> Iterator[list[LiveServer]]:
-    """Two tiny workers shared by a module's tests (killed, not drained, at its end)."""
+    """Two tiny workers shared by the router tests that leave them running (killed, not drained,
+    at the end); a test that kills a worker starts its own (start_workers)."""
     servers = start_workers()
     yield servers
     stop_workers(servers)

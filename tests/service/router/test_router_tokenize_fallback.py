@@ -9,7 +9,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.service.router.conftest import start_workers, stop_workers
 from tests.service.router.router_process import RouterProcess
 
 
@@ -42,15 +41,11 @@ def without_render(target: str) -> ThreadingHTTPServer:
     return server
 
 
-@pytest.fixture(scope="module")
-def proxied_worker():
-    (worker,) = start_workers(1)
-    proxy = without_render(worker.base_url)
-    try:
-        yield worker, f"http://127.0.0.1:{proxy.server_address[1]}"
-    finally:
-        proxy.shutdown()
-        stop_workers([worker])
+@pytest.fixture
+def proxied_worker(workers):
+    proxy = without_render(workers[0].base_url)
+    yield workers[0], f"http://127.0.0.1:{proxy.server_address[1]}"
+    proxy.shutdown()
 
 
 def routing_inputs(router: RouterProcess) -> dict[str, float]:
@@ -67,4 +62,4 @@ def test_vllm_router_falls_back_to_kvserve_tokenize(proxied_worker):
         assert httpx.post(router.base_url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
         inputs = routing_inputs(router)
     assert inputs.get("tokenize") == 2 and "render" not in inputs, inputs
-    assert "POST /tokenize 200" in worker.log and "ignored unknown fields" not in worker.log
+    assert worker.log.count("POST /tokenize 200") >= 2 and "ignored unknown fields" not in worker.log
