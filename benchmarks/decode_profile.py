@@ -1,7 +1,7 @@
 """Where a decode step's time goes: SmolLM2-135M, torch.profiler, per-op tables at several batch sizes.
 
     python -m benchmarks.decode_profile [--batch 1,8,32] [--context 200] [--quantization auto]
-                                       [--attention flash] [--dtype auto] [--steps 5] [--top 12]
+                                       [--attention auto] [--dtype auto] [--steps 5] [--top 12]
 
 For each batch size S: S sequences of `context` random tokens are prefilled into a paged KV cache
 (block 16, pages shuffled as a busy server leaves them), then `steps` decode steps run the paged
@@ -100,7 +100,7 @@ def main() -> None:
     p.add_argument("--batch", default="1,8,32")
     p.add_argument("--context", type=int, default=200, help="tokens already in each sequence's cache")
     p.add_argument("--quantization", default="auto")
-    p.add_argument("--attention", default="flash")
+    p.add_argument("--attention", default="auto", help="as `kvserve serve` (default: auto)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=12)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-seqs", default="1,8,32,64")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto = what `kvserve serve --dtype auto` picks on this machine")
-    p.add_argument("--attention", choices=("flash", "sdpa", "naive"), default="flash")
+    p.add_argument("--attention", choices=("auto", "kernel", "flash", "sdpa", "naive"), default="auto")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help="as `kvserve serve` (default: auto)")
     p.add_argument("--kv-cache-memory", type=int, default=1 << 30)
     p.add_argument("--skip-baseline", action="store_true")

@@ -75,7 +75,24 @@ ATTENTION_IMPLS: dict[str, Callable[..., Tensor]] = {
     "flash": flash_attention,
     "sdpa": sdpa_attention,
     "naive": naive_attention,
+    "kernel": flash_attention,  # the C++ kernel reads the paged cache only; without a cache its model runs flash
 }
+
+
+ATTENTION_CHOICES = ("auto", *ATTENTION_IMPLS)
+
+
+def resolve_attention(name: str, device: torch.device | str) -> str:
+    """`auto`: the C++ kernel on CPU where its library is built (batch-invariant), else flash."""
+    get_attention("flash" if name == "auto" else name)  # an unknown name fails here
+    if name not in ("auto", "kernel"):
+        return name
+    from model import kernels  # loads the library on first use
+    cpu = torch.device(device).type == "cpu"
+    if name == "kernel" and not (cpu and kernels.available()):
+        raise ValueError(f"attention 'kernel' runs on CPU with kvserve's kernel library: "
+                         f"{kernels.unavailable_reason() or 'not on ' + str(device)}")
+    return "kernel" if cpu and kernels.available() else "flash"
 
 
 def get_attention(name: str) -> Callable[..., Tensor]:

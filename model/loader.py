@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from model.attention import get_attention
+from model.attention import resolve_attention
 from model.config import PRESETS
 from model.dtypes import parse_dtype
 from model.gguf_loader import GGUFCheckpoint, open_gguf
@@ -56,7 +56,7 @@ def _open(source: str | Path):
 def _load(source: str | Path, variant: str, dtype, device, attention: str, quantization: str,
           crossover: int | None, progress: bool) -> tuple[Transformer, HFTokenizer]:
     dtype = parse_dtype(dtype)
-    get_attention(attention)  # bad names fail before any loading
+    attention = resolve_attention(attention, device)  # bad names fail before any loading
     parse_quantization(quantization)
     if str(source) == "tiny":
         cfg = PRESETS["tiny"]

@@ -14,6 +14,10 @@ its last query_lens[s] positions; they attend causally over its first context_le
   `embedding_bag` (each query head's softmax row weighting its keys' V rows, read in place from
   the cache). Longer contexts fold tiles with the online softmax. Prefill chunks go one sequence at
   a time, tiled over queries and keys, diagonal tiles masked, tiles above it skipped.
+- `paged_kernel_attention`: kvserve's C++ kernel (model/kernels/paged_attention.cpp), one query row
+  at a time over key chunks fixed by absolute position, so a row's result is the same bits whatever
+  else the step holds, however its prompt was chunked and whether its prefix came from the cache:
+  the batch-invariant default on CPU where the kernel library is built.
 - `paged_sdpa_attention` gathers the decodes' contexts the same way and calls torch's SDPA;
   prefills gather each whole context. `paged_naive_attention` gathers each sequence's context
   and runs the naive contiguous attention: the reference.
@@ -171,7 +175,14 @@ def paged_sdpa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: Page
     return out[:, :, 0]
 
 
+def paged_kernel_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: PagedPlan) -> Tensor:
+    out = torch.ops.kvserve.paged_attention(q.to(k_cache.dtype), k_cache, v_cache, plan.meta.block_tables,
+                                            plan.seq_of_token, plan.meta.positions, 1.0 / math.sqrt(q.shape[-1]))
+    return out.to(q.dtype)
+
+
 PAGED_ATTENTION_IMPLS: dict[str, Callable[..., Tensor]] = {
+    "kernel": paged_kernel_attention,
     "flash": paged_flash_attention,
     "sdpa": paged_sdpa_attention,
     "naive": paged_naive_attention,

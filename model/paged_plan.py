@@ -18,6 +18,8 @@ head is a contiguous (block_size, D) slab. Viewed as (num_blocks * Hkv, block_si
   each with its slab list; `causal` builds the diagonal masks once per step for all layers.
 - `cos` / `sin` (N, 1, D): rotary rows of the new tokens in the model's dtype.
 - `buffers`: the gather buffers, allocated by the first layer and reused by the others.
+- `seq_of_token` (N,): each new token's sequence, all the C++ kernel needs beside the metadata's
+  positions and block tables; built with `kernel=True`, the plan skips the tiles above.
 Not here: the attention arithmetic (model/paged_attention.py) and the runner's lists
 (kvcache/metadata.py).
 """
@@ -95,16 +97,19 @@ class PagedPlan:
     sin: Tensor
     max_position: int
     meta: PagedMetadata           # what the plan was built from (the gathering references read it)
+    seq_of_token: Tensor          # (N,) each new token's sequence
     buffers: StepBuffers = field(default_factory=StepBuffers)
 
     @classmethod
     def build(cls, meta: PagedMetadata, *, n_kv_heads: int, group: int, dtype: torch.dtype,
               rope: tuple[Tensor, Tensor] | None = None,
               decode_tile_tokens: int | None = DEFAULT_DECODE_TILE_TOKENS,
-              prefill_tile_tokens: int = DEFAULT_PREFILL_TILE_TOKENS, value_rows: bool = True) -> PagedPlan:
+              prefill_tile_tokens: int = DEFAULT_PREFILL_TILE_TOKENS, value_rows: bool = True,
+              kernel: bool = False) -> PagedPlan:
         """rope: the model's (max_seq_len, D) float32 cos / sin tables (None: no rotary rows,
         for attention-only callers). decode_tile_tokens None: each context in one tile.
-        value_rows: a single CPU decode tile lists its V rows (only the flash form reads them)."""
+        value_rows: a single CPU decode tile lists its V rows (only the flash form reads them).
+        kernel: for the C++ kernel alone: no tiles."""
         device, bs, Hkv = meta.positions.device, meta.block_size, n_kv_heads
         heads = torch.arange(Hkv, device=device)
         slots = meta.slot_mapping
@@ -113,7 +118,7 @@ class PagedPlan:
         offsets = [0]
         for q_len in meta.query_lens:
             offsets.append(offsets[-1] + q_len)
-        decodes = [s for s, q_len in enumerate(meta.query_lens) if q_len == 1]
+        decodes = [s for s, q_len in enumerate(meta.query_lens) if q_len == 1 and not kernel]
         lens = meta.context_lens
         if decode_tile_tokens is None:  # whole contexts: as many pages as the longest needs
             pages_per_tile = -(-max([lens[s] for s in decodes], default=1) // bs)
@@ -130,7 +135,7 @@ class PagedPlan:
         prefills = []
         prefill_pages = max(1, prefill_tile_tokens // bs)
         for s, q_len in enumerate(meta.query_lens):
-            if q_len == 1:
+            if q_len == 1 or kernel:
                 continue
             n_pages = -(-lens[s] // bs)
             table = meta.block_tables[s, :n_pages]
@@ -148,7 +153,12 @@ class PagedPlan:
         return cls(n_kv_heads=Hkv, block_size=bs, dtype=cdtype, write_rows=write_rows.reshape(-1),
                    num_decodes=len(decodes), decode_rows=decode_rows, decode_tiles=decode_tiles,
                    prefills=prefills, causal=CausalBias(group, cdtype, device), cos=cos, sin=sin,
-                   max_position=max_position, meta=meta)
+                   max_position=max_position, meta=meta, seq_of_token=_seq_of_token(meta))
+
+
+def _seq_of_token(meta: PagedMetadata) -> Tensor:
+    lens = torch.tensor(meta.query_lens, dtype=torch.long, device=meta.positions.device)
+    return torch.repeat_interleave(torch.arange(len(meta.query_lens), device=lens.device), lens)
 
 
 def _slabs(pages: Tensor, heads: Tensor) -> Tensor:

@@ -5,10 +5,13 @@
            weights quantized by Q4_1's rule; Q8_0 tensors on int8 per row; the LM head on fp16
     int8   every linear int8 per output row (GGUF tensors requantized from their values); head fp16
     fp16   every linear as float16 (fbgemm), float32 activations
-    auto   CUDA: none. CPU: the checkpoint's own quantized tensors (Q4_1 -> q4, Q8_0 -> int8) for
-           batches of at most `crossover` rows, the faster of dense and fp16 for larger ones; both
-           and the crossover measured at load (`tune`, a few hundred ms, logged) unless pinned.
-           A checkpoint without quantized tensors runs none.
+    auto   CPU with kvserve's kernels built (model/kernels): every weight on them at every row
+           count, so a row's result never depends on its batch: Q4_1 -> q4q8, Q8_0 -> q8q8 (the
+           LM head too), dense -> f32. CUDA: none. CPU without the kernels: as tuned (logged).
+    tuned  opt-in, not batch-invariant: the checkpoint's own quantized tensors (Q4_1 -> q4, Q8_0 ->
+           int8) for batches of at most `crossover` rows, the faster of dense and fp16 for larger
+           ones; both and the crossover measured at load (`tune`, a few hundred ms, logged) unless
+           pinned. A checkpoint without quantized tensors runs none.
 
 The LM head runs fp16 wherever fbgemm exists: measured as fast as int8 at every batch size here
 (BENCHMARKS.md), and it returns float32 logits where the int8 kernel rounds them to bfloat16.
@@ -24,13 +27,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from model import kernels
+from model.kernel_forms import F32Form, Q4Q8Form, Q8Q8Form
 from model.linear import Embedding, Linear
-from model.quantized import GROUP, Int8Weight, Q4Weight, Q8Weight, WeightT, cat_rows, dequantize, quantize_int8_rows, quantize_q4
+from model.quantized import (
+    GROUP,
+    Int8Weight,
+    Q4Weight,
+    Q8Weight,
+    WeightT,
+    cat_rows,
+    dequantize,
+    quantize_int8_rows,
+    quantize_q4,
+    quantize_q8,
+)
 from model.weight_forms import DenseForm, Fp16Form, Int8Form, Q4Form, WeightForm, kernel_available
 
 log = logging.getLogger("kvserve.quantization")
 
-QUANTIZATIONS = ("auto", "none", "q4", "int8", "fp16")
+QUANTIZATIONS = ("auto", "tuned", "none", "q4", "int8", "fp16")
 TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # batch sizes the crossover is measured at
 _warned: set[tuple[str, str]] = set()
 
@@ -46,7 +62,8 @@ class WeightPolicy:
     """What `quantization` resolved to: the form for small batches, for large ones, the head's,
     and the crossover (None: measure at load; small == large: one form, no crossover)."""
     quantization: str
-    small: str       # native | q4 | int8 | fp16 | dense ("native": the checkpoint's own quantization)
+    small: str       # native | kernel | q4 | int8 | fp16 | dense | q4q8 | q8q8 | f32 ("native": the
+                     # checkpoint's own quantization on ATen's kernels; "kernel": on kvserve's)
     large: str
     head_small: str
     head_large: str
@@ -56,12 +73,20 @@ class WeightPolicy:
     def form(self, kind: str, w: WeightT, dtype: torch.dtype) -> WeightForm:
         if kind == "native":
             kind = "q4" if isinstance(w, Q4Weight) else "int8" if isinstance(w, Q8Weight | Int8Weight) else "dense"
+        if kind == "kernel":
+            kind = "q4q8" if isinstance(w, Q4Weight) else "q8q8" if isinstance(w, Q8Weight) else "f32"
         if kind == "q4" and (isinstance(w, Q8Weight | Int8Weight) or w.shape[1] % GROUP):
             kind = "int8"  # 8-bit stays 8-bit; and the int4 kernel needs whole groups along K
+        if kind == "q4q8" and isinstance(w, Q8Weight | Int8Weight):
+            kind = "q8q8"  # kvserve's kernels (model/kernel_forms.py): 8-bit stays 8-bit there too
+        if kind in ("q4q8", "q8q8") and w.shape[1] % GROUP:
+            kind = "f32"  # they need whole groups along K
         if not kernel_available(kind, torch.device(self.device).type):
             if (kind, self.device) not in _warned:
                 _warned.add((kind, self.device))
-                log.warning("no %s kernel on %s in this torch build: running dequantized dense weights", kind, self.device)
+                reason = kernels.unavailable_reason() if kind in ("q4q8", "q8q8", "f32") else None
+                why = f"({reason})" if reason else "in this torch build"
+                log.warning("no %s kernel on %s %s: running dequantized dense weights", kind, self.device, why)
             kind = "dense"
         if kind == "dense":
             return DenseForm(dequantize(w).to(self.device, dtype) if not isinstance(w, Tensor) else w.to(self.device, dtype))
@@ -69,6 +94,12 @@ class WeightPolicy:
             return Fp16Form(dequantize(w))
         if kind == "int8":
             return Int8Form(w if isinstance(w, Int8Weight) else quantize_int8_rows(dequantize(w)))
+        if kind == "q4q8":
+            return Q4Q8Form(w if isinstance(w, Q4Weight) else quantize_q4(dequantize(w)))
+        if kind == "q8q8":
+            return Q8Q8Form(w if isinstance(w, Q8Weight) else quantize_q8(dequantize(w)))
+        if kind == "f32":
+            return F32Form(dequantize(w) if not isinstance(w, Tensor) else w)
         return Q4Form(w if isinstance(w, Q4Weight) else quantize_q4(dequantize(w)))
 
     def linear(self, parts: list[WeightT], dtype: torch.dtype, *, bias: Tensor | None = None, head: bool = False) -> Linear:
@@ -145,7 +176,7 @@ def tune(linears: list[Linear], rows: tuple[int, ...] = TUNE_ROWS, repeats: int 
 
 def resolve_policy(quantization: str, device: torch.device | str, dtype: torch.dtype,
                    weights: dict[str, WeightT], crossover: int | None = None) -> WeightPolicy:
-    """The policy `quantization` means for these weights on this device; `crossover` pins auto's."""
+    """The policy `quantization` means for these weights on this device; `crossover` pins tuned's."""
     quantization = parse_quantization(quantization)
     if crossover is not None and crossover < 0:
         raise ValueError(f"crossover={crossover} is out of range: must be >= 0 rows")
@@ -157,8 +188,13 @@ def resolve_policy(quantization: str, device: torch.device | str, dtype: torch.d
         return WeightPolicy(quantization, quantization, quantization, head, head, dev)
     if quantization == "fp16":
         return WeightPolicy(quantization, "fp16", "fp16", "fp16", "fp16", dev)
+    cpu = torch.device(dev).type == "cpu"
+    if quantization == "auto" and cpu:
+        if kernels.available():
+            return WeightPolicy(quantization, "kernel", "kernel", "kernel", "kernel", dev)
+        log.warning("quantization auto runs as tuned, whose rows depend on their batch: %s", kernels.unavailable_reason())
     quantized = any(isinstance(w, Q4Weight | Q8Weight) for w in weights.values())
-    if torch.device(dev).type != "cpu" or not quantized:
+    if not cpu or not quantized:
         return WeightPolicy(quantization, "dense", "dense", "dense", "dense", dev)
     return WeightPolicy(quantization, "native", _faster_large_form(weights, dtype), head, head, dev, crossover)
 

@@ -7,8 +7,9 @@
 A checkpoint weight is one of these or a plain dense Tensor (`WeightT`). All are (N, K): N output
 rows, K inputs. Each can be dequantized exactly (float32), cut into row ranges and concatenated
 along rows, so fused projections and attention variants work on codes, not on rounded floats.
-`quantize_q4` and `quantize_int8_rows` make them from dense weights, with llama.cpp's Q4_1 rule
-(min and max of each group) and a symmetric per-row absmax. Kernels live in model/weight_forms.py.
+`quantize_q4`, `quantize_q8` and `quantize_int8_rows` make them from dense weights, with llama.cpp's
+Q4_1 rule (min and max of each group), its Q8_0 rule (absmax of each group) and a symmetric per-row
+absmax. Kernels live in model/weight_forms.py and model/kernel_forms.py.
 Q4Weight keeps GGUF's byte layout: per group 16 bytes, low nibbles the first 16 weights.
 """
 from __future__ import annotations
@@ -154,6 +155,17 @@ def quantize_q4(w: Tensor) -> Q4Weight:
     q = ((groups - lo[..., None]) * inv[..., None] + 0.5).floor().clamp_(0, 15).to(torch.uint8)
     qs = q[..., :GROUP // 2] | (q[..., GROUP // 2:] << 4)
     return Q4Weight(qs.reshape(n, k // 2).contiguous(), d.half(), lo.half())
+
+
+def quantize_q8(w: Tensor) -> Q8Weight:
+    """llama.cpp's Q8_0 rule per group of 32: d = absmax / 127 (stored float16), q = round(w / d)."""
+    n, k = w.shape
+    _check_groups(k, "Q8 quantization")
+    groups = w.float().reshape(n, k // GROUP, GROUP)
+    d = groups.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    qs = torch.round(groups * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    return Q8Weight(qs.reshape(n, k).contiguous(), d.half())
 
 
 def quantize_int8_rows(w: Tensor) -> Int8Weight:

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from kvcache.metadata import PagedMetadata
 
 # Decode key tile per paged attention: flash tiles long contexts; the references take each whole.
-DECODE_TILE_TOKENS: dict[str, int | None] = {"flash": DEFAULT_DECODE_TILE_TOKENS, "sdpa": None, "naive": None}
+DECODE_TILE_TOKENS: dict[str, int | None] = {"flash": DEFAULT_DECODE_TILE_TOKENS, "sdpa": None, "naive": None,
+                                              "kernel": None}
 
 
 class RMSNorm(nn.Module):
@@ -157,7 +158,8 @@ class Transformer(nn.Module):
         cfg, attention = self.config, attention or self.attention
         return PagedPlan.build(meta, n_kv_heads=cfg.n_kv_heads, group=cfg.group_size, dtype=self.dtype,
                                rope=(self.rope_cos, self.rope_sin), decode_tile_tokens=DECODE_TILE_TOKENS[attention],
-                               value_rows=attention == "flash")  # only flash reads V rows in place
+                               value_rows=attention == "flash",  # only flash reads V rows in place
+                               kernel=attention == "kernel")
 
     def forward(self, input_ids: Tensor, kv_cache: KVCache | None = None, meta: PagedMetadata | None = None,
                 logits_indices: Tensor | None = None, attention: str | None = None) -> Tensor:

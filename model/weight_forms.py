@@ -5,6 +5,9 @@
     Int8Form   `_weight_int8pack_mm`: int8 rows with one scale each, bfloat16 activations (CPU)
     Q4Form     `_weight_int4pack_mm_for_cpu`: 4-bit groups of 32 (GGUF Q4_1 exactly), bfloat16 activations
 
+kvserve's own batch-invariant kernels (q4q8, q8q8, f32) are in model/kernel_forms.py; `kernel_available`
+covers them too (they need the library `make install` builds).
+
 A form returns its kernel's own output dtype (bfloat16 for the int kernels, float32 for fp16);
 callers add, multiply or cast as they go, so a cast happens where the next op needs one anyway.
 The int kernels are fed bfloat16: measured here, they run 5-80x slower with float32 or float16
@@ -153,6 +156,10 @@ def kernel_available(name: str, device: str) -> bool:
         return True
     if device != "cpu":
         return False
+    if name in ("q4q8", "q8q8", "f32"):
+        from model import kernels
+        if not kernels.available():
+            return False
     try:
         w = torch.randn(32, 64)
         x = torch.randn(2, 64)
@@ -164,6 +171,12 @@ def kernel_available(name: str, device: str) -> bool:
         elif name == "q4":
             from model.quantized import quantize_q4
             Q4Form(quantize_q4(w))(x)
+        elif name == "q4q8":  # model/kernel_forms.py's packing: (N / 8, K / 32, bytes per block-group)
+            torch.ops.kvserve.q4_1_mm(x, torch.zeros(4, 2, 160, dtype=torch.uint8), 32)
+        elif name == "q8q8":
+            torch.ops.kvserve.q8_0_mm(x, torch.zeros(4, 2, 272, dtype=torch.uint8), 32)
+        elif name == "f32":
+            torch.ops.kvserve.dense_mm(x, torch.ops.kvserve.dense_pack(w), 32)
         else:
             raise ValueError(f"unknown weight form {name!r}")
     except (RuntimeError, AttributeError):  # how torch reports a kernel this build or CPU lacks

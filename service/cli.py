@@ -101,14 +101,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", type=_variants, default=("native",),
                    help="comma list of attention variants served side by side: native, mha, gqa-N, mqa, or "
                    "NAME=DIR for a converted checkpoint (kvserve convert) sharing every tensor but K/V with --model")
-    p.add_argument("--attention", choices=("flash", "sdpa", "naive"), default="flash")
+    p.add_argument("--attention", choices=("auto", "kernel", "flash", "sdpa", "naive"), default="auto",
+                   help="auto: kvserve's C++ paged kernel on CPU (batch-invariant; built by make install), else flash")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 where the CPU (AVX-512/AMX with bf16) or GPU does it well, else float32")
-    p.add_argument("--quantization", choices=("auto", "none", "q4", "int8", "fp16"), default="auto",
-                   help="weight forms: auto (CPU: a GGUF's own Q4_1/Q8_0 codes for small batches, the faster of "
-                   "dense and fp16 for large ones; CUDA: none), none (dense), q4, int8, fp16; see README")
+    p.add_argument("--quantization", choices=("auto", "tuned", "none", "q4", "int8", "fp16"), default="auto",
+                   help="weight forms: auto (CPU: kvserve's batch-invariant kernels on the checkpoint's own Q4_1/Q8_0 "
+                   "codes, dense weights in one fixed order; CUDA: none), tuned (opt-in, not batch-invariant: ATen's "
+                   "kernels chosen per batch size at load), none (dense), q4, int8, fp16; see README")
     p.add_argument("--quantization-crossover", type=_int_at_least(0), default=None, metavar="ROWS",
-                   help="with auto: batches of up to ROWS tokens use the quantized weights (default: measured at load)")
+                   help="with tuned: batches of up to ROWS tokens use the quantized weights (default: measured at load)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--kv-cache-memory", type=_size, default=_size("1GiB"), help="KV pool per variant, e.g. 512MiB")
     p.add_argument("--block-size", type=_int_at_least(1), default=16)

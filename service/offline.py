@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.attention import ATTENTION_IMPLS
+from model.attention import ATTENTION_CHOICES
 from model.dtypes import DTYPES
 from model.quantization import QUANTIZATIONS
 
@@ -26,7 +26,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default: 0)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off (default: 1)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
-    parser.add_argument("--attention", default="flash", choices=list(ATTENTION_IMPLS), help="(default: flash)")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES, help="(default: auto)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="(default: float32)")
     parser.add_argument("--quantization", default="auto", choices=list(QUANTIZATIONS),
                         help="weight forms, as kvserve serve's (default: auto)")

@@ -36,7 +36,7 @@ log = logging.getLogger("kvserve.server")
 class ServeOptions:
     model: str = "smollm2-135m"
     variants: tuple[str, ...] = ("native",)
-    attention: str = "flash"
+    attention: str = "auto"
     dtype: str = "float32"           # resolved: float32 | bfloat16
     device: str = "cpu"
     quantization: str = "auto"       # auto | none | q4 | int8 | fp16 (model/quantization.py)
@@ -108,7 +108,7 @@ def build_state(opts: ServeOptions) -> ServerState:
         cfg = model.config
         metrics.track(variant, engine.stats, {
             "model": name, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-            "n_layers": cfg.n_layers, "dtype": opts.dtype, "attention": opts.attention,
+            "n_layers": cfg.n_layers, "dtype": opts.dtype, "attention": model.attention,
             "block_size": engine.layout.block_size, "weights": model.weights}, alive=_liveness(engine))
         engines[variant] = engine
         log.info(footprint_line(engine))

@@ -2,7 +2,9 @@
 
 One file, `<output>.partial/checkpoint.pt`, written atomically (a temporary file renamed over the
 old one), holding what a step depends on: the trained tensors, the optimizer state, the next step,
-the wall time spent so far and the history of measurements. The batch of a step is a function of
+the wall time spent so far, the history of measurements, and the recovery state
+(model.convert.recovery: the learning-rate scale, the recent training KLs, the last good snapshot
+and the best validated one, each with its optimizer state). The batch of a step is a function of
 (seed, step) (`TrainingText.batch`), so no random-number state is needed to continue exactly where
 an uninterrupted run would have been.
 """
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from model.convert.options import ConvertOptions
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass(slots=True)
@@ -28,6 +30,14 @@ class TrainState:
     tensors: dict[str, Tensor] = field(default_factory=dict)     # trained tensors (init included)
     optimizer: dict = field(default_factory=dict)    # torch.optim state_dict; empty before the first step
     history: dict = field(default_factory=dict)      # measurements (validation KL, fit errors, ...)
+    lr_scale: float = 1.0                            # halved by each rollback
+    recent_kl: list[float] = field(default_factory=list)  # the last accepted training KLs (spike detection)
+    skips_in_row: int = 0                            # consecutive steps skipped for non-finite numbers
+    good: dict = field(default_factory=dict)         # the snapshot a loss spike rolls back to
+    best: dict = field(default_factory=dict)         # the best validated snapshot: what is written
+
+
+_FIELDS = TrainState.__dataclass_fields__
 
 
 def checkpoint_path(opts: ConvertOptions) -> Path:
@@ -38,9 +48,7 @@ def save_checkpoint(opts: ConvertOptions, state: TrainState) -> None:
     path = checkpoint_path(opts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": FORMAT, "run": opts.run_key(), "step": state.step, "elapsed_s": state.elapsed_s,
-                "fit_s": state.fit_s, "tensors": state.tensors, "optimizer": state.optimizer,
-                "history": state.history}, tmp)
+    torch.save({"format": FORMAT, "run": opts.run_key(), **{name: getattr(state, name) for name in _FIELDS}}, tmp)
     os.replace(tmp, path)
 
 
@@ -58,5 +66,4 @@ def load_checkpoint(opts: ConvertOptions) -> TrainState | None:
     if differing:
         raise ValueError(f"{opts.checkpoint_dir} holds an unfinished run with {', '.join(differing)}: rerun with "
                          f"its options to resume it, or delete that directory to start over")
-    return TrainState(step=saved["step"], elapsed_s=saved["elapsed_s"], fit_s=saved["fit_s"],
-                      tensors=saved["tensors"], optimizer=saved["optimizer"], history=saved["history"])
+    return TrainState(**{name: saved[name] for name in _FIELDS})

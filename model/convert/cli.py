@@ -38,8 +38,17 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", choices=list(TRAIN_SETS), default="kv",
                    help="what distillation trains: kv (K/V projections; the rest stays shared with the base), "
                    "attention (all four attention projections; the MLPs stay shared) or all (default: kv)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate; with --steps, a cosine from it down to a "
-                   "tenth of it (default: 2e-3)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate after the warm-up; with --steps, a cosine "
+                   "from it down to a tenth of it (default: 2e-3)")
+    p.add_argument("--warmup-steps", type=int, default=25, help="steps of linear learning-rate warm-up (default: 25)")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="gradient-norm clipping of the trained parameters "
+                   "(default: 1.0)")
+    p.add_argument("--spike-factor", type=float, default=2.0, help="a training KL above this times its recent mean "
+                   "rolls back to the last good snapshot and halves the learning rate (default: 2.0)")
+    p.add_argument("--snapshot-every", type=int, default=10, help="steps between the snapshots (tensors + Adam "
+                   "state) a spike rolls back to (default: 10)")
+    p.add_argument("--max-rollbacks", type=int, default=8, help="stop at this many rollbacks and write the best "
+                   "validated state (default: 8)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="fixes the data order: the same seed, the same run")
@@ -49,6 +58,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-sequences", type=int, default=8, help="held-out sequences for the validation KL (default: 8)")
     p.add_argument("--eval-every", type=int, default=50, help="steps between validation KLs (default: 50)")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints (default: 5)")
+    p.add_argument("--heldout-tokens", type=int, default=8192, help="tokens of each held-out text (Python docs, English "
+                   "prose) whose perplexity the record reports; 0: none (default: 8192)")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", action="store_true", default=None, help="a progress bar (default: on a terminal)")
     progress.add_argument("--no-progress", dest="progress", action="store_false")
@@ -59,7 +70,9 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     return ConvertOptions(
         model=args.model, variant=args.variant, output=args.output, steps=args.steps, max_minutes=args.max_minutes,
-        init=args.init, train=args.train, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+        init=args.init, train=args.train, lr=args.lr, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm,
+        spike_factor=args.spike_factor, snapshot_every=args.snapshot_every, max_rollbacks=args.max_rollbacks,
+        heldout_tokens=args.heldout_tokens, batch_size=args.batch_size, seq_len=args.seq_len,
         seed=args.seed, fit_sequences=args.fit_sequences, fit_epochs=args.fit_epochs, fit_lr=args.fit_lr,
         val_sequences=args.val_sequences, eval_every=args.eval_every, checkpoint_minutes=args.checkpoint_minutes,
         progress=progress)
@@ -93,7 +106,8 @@ def run_convert(args: argparse.Namespace) -> int:
     if record is None:
         _log(f"stopped; checkpoint in {opts.checkpoint_dir}: rerun the same command to resume")
         return 130
-    budget, history = record["budget"], record["history"]
-    _log(f"wrote {opts.output}: {budget['steps']} steps, {budget['tokens']:,} tokens, {budget['minutes']:.1f} min; "
-         f"validation KL {history['val_kl'][0][1]:.4f} -> {history['val_kl'][-1][1]:.4f}")
+    budget, kept = record["budget"], record["kept"]
+    _log(f"wrote {opts.output}: step {kept['step']} kept, validation KL {record['history']['val_kl'][0][1]:.4f} -> "
+         f"{kept['val_kl']:.4f}; {budget['steps']} steps run, {len(record['rollbacks'])} rollbacks, "
+         f"{len(record['skipped_steps'])} skipped, {budget['minutes']:.1f} min")
     return 0

@@ -2,12 +2,15 @@
 
 The teacher is the unconverted checkpoint, the student the converted one; both see the same
 batch and the student's chosen parameters (`--train`, the K/V projections by default) follow Adam
-on the mean KL of their next-token distributions at every position (learning rate: a cosine to a
-tenth over `--steps` when given, else constant). The student's attention is
-the flash attention, so its backward is `model.flash_backward`. A step's batch is a function of
-(seed, step), the optimizer state is checkpointed with the tensors, so a resumed run continues
-exactly; the run stops at the step budget, at the wall-clock budget (counted across sessions), or
-between two steps when asked to (a signal), saving a checkpoint each time.
+on the mean KL of their next-token distributions at every position (`learning_rate`: a linear
+warm-up, then a cosine to a tenth over `--steps` when given, else constant). The student's
+attention is the flash attention, so its backward is `model.flash_backward`. The guards of
+model.convert.recovery clip, skip non-finite steps and roll back spikes and validation regressions;
+the best validated state is what `convert` writes. A step's batch is a function of (seed, step),
+the optimizer and recovery state are checkpointed with the tensors, so a resumed run continues
+exactly; the run stops at the step budget, at the wall-clock budget (counted across sessions), at
+`--max-rollbacks` rollbacks, or between two steps when asked to (a signal), saving a checkpoint
+each time.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from model.convert import recovery
 from model.convert.checkpoint import TrainState, save_checkpoint
 from model.convert.data import TrainingText
 from model.convert.kl import kl_divergence
 from model.convert.options import ConvertOptions
+from model.convert.recovery import clip_gradients, restore_snapshot, spike_reason, take_snapshot
 from model.transformer import Transformer
 
 
@@ -43,6 +48,23 @@ def validation_kl(teacher: Transformer, student: Transformer, data: TrainingText
     return total / len(data.val)
 
 
+def learning_rate(step: int, opts: ConvertOptions) -> float:
+    """A linear warm-up from --lr / warmup to --lr over --warmup-steps, then, with a step budget, a
+    cosine down to a tenth of --lr at the last step; under a wall-clock budget alone, constant (a
+    schedule over time would make runs unrepeatable)."""
+    lr, steps, warmup = opts.lr, opts.steps, opts.warmup_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if not steps or steps <= warmup:
+        return lr
+    progress = min(step - warmup, steps - warmup) / (steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _json_number(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN or infinity
+
+
 class Distiller:
     """Runs distillation steps on `student` (its trained parameters must not be shared with `teacher`)."""
 
@@ -55,6 +77,8 @@ class Distiller:
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=opts.lr)
         if state.optimizer:
             self.optimizer.load_state_dict(state.optimizer)
+        for name in ("train_kl", "grad_norm", "skipped_steps", "rollbacks"):
+            state.history.setdefault(name, [])
         self._stop_requested = False
 
     def request_stop(self) -> None:
@@ -62,28 +86,69 @@ class Distiller:
         self._stop_requested = True
 
     def learning_rate(self, step: int) -> float:
-        """With a step budget, a cosine from --lr down to a tenth of it at the last step; under a
-        wall-clock budget alone, constant (a schedule over time would make runs unrepeatable)."""
-        lr, steps = self.opts.lr, self.opts.steps
-        if not steps:
-            return lr
-        return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+        """The scheduled rate of `step`, before the rollbacks' cuts (`state.lr_scale`)."""
+        return learning_rate(step, self.opts)
 
     def step(self) -> float:
-        """One optimizer step on the batch of step `state.step`; returns its KL."""
+        """One step on the batch of step `state.step`; returns its training KL.
+
+        A normal step updates the parameters and advances; a non-finite KL or gradient skips the
+        update and advances; a spike rolls back to the last good snapshot (no update)."""
+        opts, state, history = self.opts, self.state, self.state.history
+        lr = self.learning_rate(state.step) * state.lr_scale
         for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(self.state.step)
-        ids = self.data.batch(self.state.step, self.opts.batch_size, self.opts.seed).to(self.student.device)
+            group["lr"] = lr
+        ids = self.data.batch(state.step, opts.batch_size, opts.seed).to(self.student.device)
         loss = _kl(self.teacher, self.student, ids)
-        loss.backward()
+        kl = float(loss.detach())
+        history["train_kl"].append([state.step, _json_number(kl)])
+        if math.isfinite(kl) and (spike := spike_reason(kl, state.recent_kl, opts.spike_factor)):
+            self._roll_back(state.good, spike)
+            return kl
+        norm = math.nan
+        if math.isfinite(kl):
+            loss.backward()
+            norm = clip_gradients(list(self.params.values()), opts.clip_norm)
+        history["grad_norm"].append([state.step, _json_number(norm)])
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            history["skipped_steps"].append(state.step)
+            self.log(f"step {state.step}: skipped (training KL {kl}, gradient norm {norm})")
+            state.skips_in_row += 1
+            state.step += 1
+            if state.skips_in_row >= recovery.MAX_SKIPS_IN_ROW:
+                self._roll_back(state.good, f"{state.skips_in_row} steps in a row with non-finite numbers")
+            return kl
+        if state.step % opts.snapshot_every == 0:
+            state.good = take_snapshot(state.step, self.params, self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-        return float(loss.detach())
+        state.recent_kl = (state.recent_kl + [kl])[-recovery.SPIKE_WINDOW:]
+        state.skips_in_row = 0
+        state.step += 1
+        return kl
+
+    def _roll_back(self, snap: dict, reason: str) -> None:
+        """Back to `snap` (tensors, optimizer, step) with the learning rate cut."""
+        state = self.state
+        at = state.step
+        restore_snapshot(snap, self.params, self.optimizer)
+        state.step, state.skips_in_row = snap["step"], 0
+        state.lr_scale *= recovery.LR_CUT
+        state.history["rollbacks"].append({"at_step": at, "to_step": snap["step"], "reason": reason,
+                                           "lr_scale": state.lr_scale})
+        self.log(f"step {at}: {reason}: rolled back to step {snap['step']}, learning rate x{state.lr_scale:g}")
+
+    @property
+    def gave_up(self) -> bool:
+        """Whether the run has rolled back `--max-rollbacks` times (it then stops and writes its best)."""
+        return len(self.state.history["rollbacks"]) >= self.opts.max_rollbacks
 
     def _budget_left(self) -> bool:
         opts, state = self.opts, self.state
         if opts.steps is not None and state.step >= opts.steps:
+            return False
+        if self.gave_up:
             return False
         return opts.max_minutes is None or state.elapsed_s < opts.max_minutes * 60
 
@@ -103,12 +168,34 @@ class Distiller:
         save_checkpoint(self.opts, self.state)
 
     def _evaluate(self) -> None:
+        """The validation KL of the current state: a new best is snapshotted, a regression rolls back."""
+        state = self.state
         kl = validation_kl(self.teacher, self.student, self.data, self.opts.batch_size)
-        self.state.history.setdefault("val_kl", []).append([self.state.step, kl])
-        self.log(f"step {self.state.step}: validation KL {kl:.4f}")
+        state.history.setdefault("val_kl", []).append([state.step, kl])
+        self.log(f"step {state.step}: validation KL {kl:.4f}")
+        best = state.best
+        if not best or kl < best["val_kl"]:
+            state.best = take_snapshot(state.step, self.params, self.optimizer, kl)
+            if not best:
+                state.good = state.best
+        elif not kl <= recovery.VALIDATION_TOLERANCE * best["val_kl"]:
+            self._roll_back(best, f"validation KL {kl:.4g} > {recovery.VALIDATION_TOLERANCE:g} x the best "
+                                  f"({best['val_kl']:.4g}, step {best['step']})")
+            state.good = best
+
+    def _start(self) -> None:
+        """The starting point's snapshot: step 0 with its validation KL (measured by the initialisation
+        when it did, else here)."""
+        start = [kl for step, kl in self.state.history.get("val_kl", []) if step == self.state.step]
+        if not start:
+            self._evaluate()
+            return
+        self.state.best = take_snapshot(self.state.step, self.params, self.optimizer, start[-1])
+        self.state.good = self.state.best
 
     def run(self, on_step: Callable[[Distiller, float], None] | None = None) -> bool:
-        """Steps until a budget runs out or a stop is requested; True when a budget ran out.
+        """Steps until a budget runs out, the run gives up, or a stop is requested; True when a budget ran
+        out or the run gave up (the run is over), False when stopped first.
 
         The wall-clock budget counts everything here: steps, validations and checkpoints."""
         opts, state = self.opts, self.state
@@ -125,20 +212,19 @@ class Distiller:
             clock = now
 
         with bar:
-            if not state.history.get("val_kl"):
-                self._evaluate()
+            if not state.best:
+                self._start()
                 account()
             while self._budget_left() and not self._stop_requested:
-                start = time.monotonic()
+                start, before = time.monotonic(), state.step
                 loss = self.step()
                 took = time.monotonic() - start
                 step_s = took if step_s is None else 0.9 * step_s + 0.1 * took
                 account()
-                state.history.setdefault("train_kl", []).append([state.step, loss])
-                bar.update()
+                bar.update(state.step - bar.n)
                 bar.set_postfix_str(f"KL {loss:.3f}, {tokens_per_step / step_s:.0f} tok/s, "
                                     f"{self._time_left(step_s) / 60:.1f} min left")
-                if state.step % opts.eval_every == 0 or not self._budget_left():
+                if state.step > before and (state.step % opts.eval_every == 0 or not self._budget_left()):
                     self._evaluate()
                     account()
                 if on_step is not None:

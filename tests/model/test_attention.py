@@ -17,6 +17,7 @@ from model.attention import (
     flash_attention,
     get_attention,
     naive_attention,
+    resolve_attention,
     sdpa_attention,
 )
 from model.flash_tiles import OnlineSoftmax
@@ -178,5 +179,11 @@ def test_online_softmax_folds_tiles_like_one_softmax():
 
 def test_get_attention_names_the_choices():
     assert get_attention("flash") is flash_attention
-    with pytest.raises(ValueError, match=r"unknown attention 'fast'; choose one of: flash, sdpa, naive"):
+    with pytest.raises(ValueError, match=r"unknown attention 'fast'; choose one of: flash, sdpa, naive, kernel"):
         get_attention("fast")
+    with pytest.raises(ValueError, match=r"unknown attention 'fast'"):
+        resolve_attention("fast", "cpu")
+    assert resolve_attention("sdpa", "cpu") == "sdpa"
+    assert resolve_attention("auto", "meta") == "flash"  # off CPU the kernel never runs
+    with pytest.raises(ValueError, match=r"attention 'kernel' runs on CPU"):
+        resolve_attention("kernel", "meta")

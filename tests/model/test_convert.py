@@ -18,7 +18,7 @@ import model.convert.run as convert_run
 from model.config import PRESETS
 from model.convert.checkpoint import TrainState
 from model.convert.data import TrainingText, stdlib_docstrings, stdlib_root, token_stream
-from model.convert.distill import Distiller, validation_kl
+from model.convert.distill import Distiller, learning_rate, validation_kl
 from model.convert.fit import fit_kv
 from model.convert.kl import kl_divergence, kl_reference
 from model.convert.options import ConvertOptions
@@ -32,7 +32,7 @@ SMALL_TEXT = stdlib_docstrings(stdlib_root() / "json")
 
 def tiny_opts(output, **kw) -> ConvertOptions:
     base = dict(model="tiny", variant="mqa", output=output, steps=4, seq_len=32, batch_size=2, fit_sequences=8,
-                fit_epochs=2, val_sequences=4, eval_every=2, lr=3e-3, seed=5)
+                fit_epochs=2, val_sequences=4, eval_every=2, lr=3e-3, seed=5, warmup_steps=2, heldout_tokens=1024)
     return ConvertOptions(**{**base, **kw})
 
 
@@ -87,17 +87,18 @@ def test_distillation_lowers_the_held_out_kl_and_trains_only_what_it_should(trai
         assert torch.equal(tensor, frozen[name]), name
 
 
-def test_learning_rate_is_a_cosine_over_the_step_budget_else_constant(tmp_path):
-    teacher = random_transformer(PRESETS["tiny"], seed=0)
-    data = TrainingText(token_stream(byte_tokenizer(), SMALL_TEXT), 32, 4)
-
-    def rates(**kw):
+def test_learning_rate_warms_up_then_is_a_cosine_over_the_step_budget_else_constant(tmp_path):
+    def rates(steps_at, **kw):
         opts = tiny_opts(tmp_path / "out", **kw)
-        distiller = Distiller(teacher, convert_run.student_of(teacher, opts), data, opts, TrainState(), lambda line: None)
-        return [distiller.learning_rate(step) for step in range(0, 101, 25)]
+        return [learning_rate(step, opts) for step in steps_at]
 
-    assert rates(steps=100, lr=1e-3) == pytest.approx([1e-3, 0.8682e-3, 0.55e-3, 0.2318e-3, 1e-4], rel=1e-3)
-    assert rates(steps=None, max_minutes=5.0, lr=1e-3) == [1e-3] * 5
+    assert rates(range(0, 101, 25), steps=100, lr=1e-3, warmup_steps=0) == pytest.approx(
+        [1e-3, 0.8682e-3, 0.55e-3, 0.2318e-3, 1e-4], rel=1e-3)
+    # linear from lr / 20 to lr over 20 steps, then the same cosine over the 80 steps left
+    assert rates([0, 9, 19, 20, 40, 60, 100], steps=100, lr=1e-3, warmup_steps=20) == pytest.approx(
+        [0.05e-3, 0.5e-3, 1e-3, 1e-3, 0.8682e-3, 0.55e-3, 1e-4], rel=1e-3)
+    assert rates([0, 4, 5, 50], steps=None, max_minutes=5.0, lr=1e-3, warmup_steps=5) == pytest.approx(
+        [0.2e-3, 1e-3, 1e-3, 1e-3])
 
 
 def test_kl_matches_autograd_in_value_and_gradient():
@@ -172,6 +173,10 @@ def test_steps_zero_writes_the_initialised_model(tmp_path, small_text):
     (["--variant", "gqa-2", "--steps", "1"], "fewer than the checkpoint's 2; choose mqa"),
     (["--variant", "gqa-3", "--steps", "1"], "invalid variant 'gqa-3'"),
     (["--variant", "mqa", "--steps", "1", "--init", "svd"], "invalid choice: 'svd'"),
+    (["--variant", "mqa", "--steps", "1", "--spike-factor", "1"], "--spike-factor=1.0 is out of range: must be > 1"),
+    (["--variant", "mqa", "--steps", "1", "--warmup-steps", "-1"], "--warmup-steps=-1 is out of range: must be >= 0"),
+    (["--variant", "mqa", "--steps", "1", "--clip-norm", "0"], "--clip-norm=0.0 is out of range: must be > 0"),
+    (["--variant", "mqa", "--steps", "1", "--max-rollbacks", "0"], "--max-rollbacks=0 is out of range: must be >= 1"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, small_text, argv, message):
     try:

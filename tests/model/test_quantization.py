@@ -22,6 +22,7 @@ from model.quantized import dequantize, quantize_int8_rows, quantize_q4
 from model.transformer import build_transformer, random_weights
 from model.variants import with_variant
 from model.weight_forms import kernel_available
+from tests.model.kernel_support import require_kernels
 
 pytestmark = pytest.mark.skipif(not all(kernel_available(k, "cpu") for k in ("q4", "int8", "fp16")),
                                 reason="this torch build lacks a CPU weight-only kernel")
@@ -51,7 +52,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def test_parse_quantization_names_the_choices():
     assert parse_quantization("q4") == "q4"
-    with pytest.raises(ValueError, match=r"invalid quantization 'int4': use one of auto, none, q4, int8, fp16") as info:
+    with pytest.raises(ValueError, match=r"invalid quantization 'int4': use one of auto, tuned, none, q4, int8, fp16") as info:
         parse_quantization("int4")
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=r"invalid quantization"):
@@ -65,12 +66,26 @@ def test_policies_by_option_checkpoint_and_device():
     assert (p.small, p.large, p.head_small) == ("dense", "dense", "dense")
     p = resolve_policy("q4", "cpu", f32, dense)
     assert (p.small, p.large, p.head_small, p.head_large) == ("q4", "q4", "fp16", "fp16")
-    assert resolve_policy("auto", "cpu", f32, dense).small == "dense"  # nothing quantized: as stored
+    assert resolve_policy("tuned", "cpu", f32, dense).small == "dense"  # nothing quantized: as stored
     assert resolve_policy("auto", "cuda", f32, q4).small == "dense"  # no weight-only kernels there
-    p = resolve_policy("auto", "cpu", f32, q4, crossover=4)
+    p = resolve_policy("tuned", "cpu", f32, q4, crossover=4)
     assert p.small == "native" and p.large in ("fp16", "dense") and p.crossover == 4
     with pytest.raises(ValueError, match=r"crossover=-1 is out of range: must be >= 0 rows"):
-        resolve_policy("auto", "cpu", f32, q4, crossover=-1)
+        resolve_policy("tuned", "cpu", f32, q4, crossover=-1)
+
+
+def test_auto_runs_kvserves_kernels_at_every_row_count():
+    """auto on CPU with the kernels built: one form per linear, no crossover, for quantized and dense
+    checkpoints alike (the forms whose rows do not depend on their batch)."""
+    require_kernels()
+    p = resolve_policy("auto", "cpu", torch.float32, quantized_checkpoint(TINY, "q4"))
+    assert (p.small, p.large, p.head_small, p.head_large) == ("kernel",) * 4
+    stored = quantized_checkpoint(TINY, "q4", seed=1)
+    model = build_transformer(TINY, stored, quantization="auto")
+    wkv = model.layers[0].attention.wkv
+    assert wkv.small is wkv.large and wkv.small.name == "q4q8"
+    dense = build_transformer(TINY, random_weights(TINY), quantization="auto")
+    assert dense.weights == "f32; lm head f32"
 
 
 @pytest.mark.parametrize("kind", ["q4", "int8", "fp16"])
@@ -108,16 +123,16 @@ def first_token_logits(model, token_ids: torch.Tensor) -> torch.Tensor:
         return model(token_ids, kv_cache=cache, meta=meta)
 
 
-def test_auto_picks_the_form_by_row_count():
-    """auto with the crossover pinned at 4 rows: a step of 4 rows runs exactly the q4 model, one of
+def test_tuned_picks_the_form_by_row_count():
+    """tuned with the crossover pinned at 4 rows: a step of 4 rows runs exactly the q4 model, one of
     6 exactly the model of the large form."""
     stored = quantized_checkpoint(TINY, "q4", seed=1)
-    auto = build_transformer(TINY, stored, quantization="auto", crossover=4)
+    auto = build_transformer(TINY, stored, quantization="tuned", crossover=4)
     wkv = auto.layers[0].attention.wkv
     assert wkv.small.name == "q4" and wkv.large.name in ("fp16", "dense") and wkv.crossover == 4
     assert auto.weights == f"q4 up to 4 rows, else {wkv.large.name}; lm head fp16"
     large = build_transformer(TINY, stored, quantization="fp16" if wkv.large.name == "fp16" else "none")
-    large.output = auto.output  # "none" would run a dense head; auto's is fp16 at every size
+    large.output = auto.output  # "none" would run a dense head; tuned's is fp16 at every size
     q4 = build_transformer(TINY, stored, quantization="q4")
     few, many = ids(2, seed=2).view(-1), ids(3, seed=3).view(-1)  # steps of 4 and 6 rows
     assert torch.equal(first_token_logits(auto, few), first_token_logits(q4, few))
