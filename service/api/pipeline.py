@@ -83,9 +83,10 @@ class Pipeline:
         if self.state.draining:
             raise unavailable("the server is shutting down and admits no new requests", "draining", "draining")
 
-    async def read(self, request: Request, cls: type[Body]) -> Body:
-        """admit, then the body (capped at max_body_bytes: 413 beyond) parsed strictly into `cls`.
-        A body that says it is something other than JSON is refused (415), not guessed at."""
+    async def read(self, request: Request, cls: type[Body], pick: Callable[[bytes], type[Any]] | None = None) -> Body:
+        """admit, then the body (capped at max_body_bytes: 413 beyond) parsed strictly into `cls`
+        (or into `pick(raw body)`, for a route that takes two shapes). A body that says it is
+        something other than JSON is refused (415), not guessed at."""
         self.admit(request)
         media_type = request.headers.get("content-type", "application/json").partition(";")[0].strip().lower()
         if media_type != "application/json" and not media_type.endswith("+json"):
@@ -113,6 +114,8 @@ class Pipeline:
             raise APIError(413, f"request body is larger than the limit of {limit:,} bytes (--max-body-bytes)",
                            code="request_too_large", reason="invalid")
         raw = b"".join(chunks)
+        if pick is not None:
+            cls = pick(raw)
         try:
             body = await self._off_loop(len(raw) < INLINE_BODY_BYTES, parse_body, cls, raw)
         except InvalidBody as exc:

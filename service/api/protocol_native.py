@@ -125,6 +125,7 @@ class TokenizeRequest(RequestBody):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # as on chat: vllm-router sends it when it tokenizes a chat
 
 
 class DetokenizeRequest(RequestBody):

@@ -13,6 +13,7 @@ from model.sampling_params import SamplingParams
 from service.api.limits import MAX_CHOICES, MAX_N, check_cache_salt, check_choices, check_seed
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs
+from service.api.protocol_sglang import RouterFields
 from service.api.protocol_structured import StructuredFields
 from service.engine.errors import RequestError
 
@@ -36,8 +37,9 @@ class StreamOptions(RequestBody):
     continuous_usage_stats: bool = False  # vLLM: usage so far on every chunk
 
 
-class _SamplingFields(StructuredFields):
-    """The sampling knobs both OpenAI endpoints share (vLLM's extensions and structured output included)."""
+class _SamplingFields(StructuredFields, RouterFields):
+    """The sampling knobs both OpenAI endpoints share (vLLM's extensions, structured output and the
+    fields the routers add included)."""
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -85,6 +87,7 @@ class _SamplingFields(StructuredFields):
 
     def _params(self, max_tokens: int, logprobs: int | None, names: dict[str, str], seed_offset: int) -> SamplingParams:
         check_seed(self.seed, self.n)
+        self.check_router_fields()
         structured, _ = self.structured_output()
         return sampling_params(
             names, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

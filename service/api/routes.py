@@ -2,7 +2,8 @@
 
 OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}`;
 Text Generation Inference's `/generate`, `/generate_stream` and `POST /`; `/tokenize`,
-`/detokenize`; `/health` and `/metrics` (open to probes and scrapers).
+`/detokenize`; `/health` and `/metrics` (open to probes and scrapers). `/generate` also takes
+SGLang's shape, and the routes the cache-aware routers read are in service.api.routes_router.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from service.api.protocol_native import (
     TokenizeResponse,
 )
 from service.api.protocol_openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from service.api.protocol_sglang import SGLangGenerateRequest
 from service.api.protocol_structured import StructuredFields
 from service.api.responses import GenerateAnswer, OpenAIAnswer
+from service.api.routes_router import generate_body_class, register_router_routes, sglang_generate
 from service.api.sse import EventStream
 
 
@@ -126,9 +129,12 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         return await openai_answer(request, job, body.model, body.n, body.logprobs, body.include_usage,
                                    chat=True, stream=body.stream, continuous_usage=body.continuous_usage)
 
-    async def tgi_generate(request: Request, *, stream: bool | None, as_list: bool = False) -> Response:
-        """TGI's generation: `stream` fixed by the route, or None to follow the body's `stream`."""
-        body = await pipe.read(request, GenerateRequest)
+    async def tgi_generate(request: Request, *, stream: bool | None, as_list: bool = False, sglang: bool = False) -> Response:
+        """TGI's generation: `stream` fixed by the route, or None to follow the body's `stream`;
+        with `sglang`, a body in SGLang's shape is SGLang's generation instead."""
+        body = await pipe.read(request, GenerateRequest, generate_body_class if sglang else None)
+        if isinstance(body, SGLangGenerateRequest):
+            return await sglang_generate(pipe, request, body)
         variant, engine = pipe.route(body.model)
         p = body.parameters
         names = GENERATE_NAMES | {"prompt": "inputs", "structured_output": "parameters.grammar.value"}
@@ -156,7 +162,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        return await tgi_generate(request, stream=None)
+        return await tgi_generate(request, stream=None, sglang=True)
 
     @app.post("/generate_stream")
     async def generate_stream(request: Request) -> Response:
@@ -173,7 +179,8 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         variant, engine = pipe.route(body.model)
         if body.messages is not None and body.prompt is None:
             ids = await pipe.chat_ids(variant, [m.as_template_message() for m in body.messages],
-                                      add_generation_prompt=body.add_generation_prompt)
+                                      add_generation_prompt=body.add_generation_prompt,
+                                      continue_final_message=body.continue_final_message)
         elif body.prompt is not None and body.messages is None:
             pipe.limit_prompt(variant, [body.prompt])
             ids = await pipe.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -194,3 +201,5 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
                            param="tokens", reason="invalid", variant=variant)
         text = await pipe.decode(body.tokens)
         return await pipe.json(len(body.tokens), lambda: DetokenizeResponse(prompt=text).model_dump())
+
+    register_router_routes(app, pipe)
