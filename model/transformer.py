@@ -39,12 +39,15 @@ DECODE_TILE_TOKENS: dict[str, int | None] = {"flash": DEFAULT_DECODE_TILE_TOKENS
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: Tensor, eps: float):
+    def __init__(self, weight: Tensor, eps: float, kernel: bool = False):
+        """kernel: run kvserve's one-op CPU kernel (model/kernels/rms_norm.cpp) when no gradient is wanted."""
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernel = eps, kernel
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return torch.ops.kvserve.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -263,6 +266,7 @@ def build_transformer(cfg: ModelConfig, weights: dict[str, WeightT], *, attentio
 
     check_weights(cfg, weights)
     policy = resolve_policy(quantization, device, dtype, weights, crossover)
+    fast_norms = policy.small == "kernel"  # kvserve's kernels are loaded: the norms run there too
 
     def dense(name: str) -> Tensor:
         w = weights[name]
@@ -281,15 +285,15 @@ def build_transformer(cfg: ModelConfig, weights: dict[str, WeightT], *, attentio
         wo = policy.linear([weights[p + "attention.wo.weight"]], dtype)
         w13 = policy.linear([weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w3.weight"]], dtype)
         w2 = policy.linear([weights[p + "feed_forward.w2.weight"]], dtype)
-        layers.append(Block(RMSNorm(dense(p + "attention_norm.weight"), cfg.norm_eps), Attention(cfg, wq, wkv, wo),
-                            RMSNorm(dense(p + "ffn_norm.weight"), cfg.norm_eps), FeedForward(w13, w2)))
+        layers.append(Block(RMSNorm(dense(p + "attention_norm.weight"), cfg.norm_eps, fast_norms), Attention(cfg, wq, wkv, wo),
+                            RMSNorm(dense(p + "ffn_norm.weight"), cfg.norm_eps, fast_norms), FeedForward(w13, w2)))
     embedding = policy.embedding(weights["tok_embeddings.weight"], dtype)
     head = weights["tok_embeddings.weight" if cfg.tie_embeddings else "output.weight"]
     output = policy.linear([head], dtype, head=True)
     if cfg.tie_embeddings and isinstance(output.small, DenseForm) and output.large is output.small \
             and isinstance(embedding.weight, Tensor) and output.small.weight.dtype == embedding.weight.dtype:
         output.small.weight = output.small.source = output.weight = embedding.weight  # one parameter: the tie
-    model = Transformer(cfg, embedding=embedding, layers=layers, norm=RMSNorm(dense("norm.weight"), cfg.norm_eps),
+    model = Transformer(cfg, embedding=embedding, layers=layers, norm=RMSNorm(dense("norm.weight"), cfg.norm_eps, fast_norms),
                         output=output, attention=attention)
     model.weights = policy.set_crossovers(model.linears(), model.output)
     return model.eval().requires_grad_(False)

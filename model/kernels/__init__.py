@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = tuple(HERE / name for name in ("q8_dot.cpp", "dense_mm.cpp", "paged_attention.cpp"))
+SOURCES = tuple(HERE / name for name in ("q8_dot.cpp", "dense_mm.cpp", "paged_attention.cpp", "rms_norm.cpp"))
 BUILD_DIR = HERE / "_build"
 BUILD_INFO = BUILD_DIR / "build.json"
 LIBRARY_NAME = "kvserve_kernels"

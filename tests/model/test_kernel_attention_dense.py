@@ -108,3 +108,23 @@ def test_f32_form_matches_float64_and_is_row_invariant(shape, threads):
         threads(1 + m % 2)
         batch = torch.cat((x[:m], probe, x[m:])) if m < 70 else torch.cat((x, probe))
         assert torch.equal(form(batch)[m:m + 1], alone), f"row changed in a batch of {batch.shape[0]}"
+
+
+@pytest.mark.parametrize("dim", [576, 64, 13])
+def test_rms_norm_kernel_matches_float64_and_is_row_invariant(dim, threads):
+    from model.transformer import RMSNorm
+    gen = torch.Generator().manual_seed(dim)
+    x = torch.randn(200, dim, generator=gen) * torch.rand(200, 1, generator=gen) * 3
+    w = torch.rand(dim, generator=gen) + 0.5
+    norm = RMSNorm(w, 1e-5, kernel=True)
+    with torch.inference_mode():
+        out = norm(x)
+        ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+        assert out.dtype == torch.float32 and (out.double() - ref).abs().max().item() < 1e-5
+        alone = norm(x[7:8])
+        for m in (1, 63, 64, 65, 199):
+            threads(1 + m % 2)
+            assert torch.equal(norm(torch.cat((x[:m], x[7:8])))[m:m + 1], alone)
+        assert norm(x.bfloat16()).dtype == torch.bfloat16
+    x.requires_grad_(True)  # training: the autograd path (F.rms_norm), same values
+    torch.testing.assert_close(norm(x), out, rtol=1e-5, atol=1e-5)
