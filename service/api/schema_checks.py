@@ -46,10 +46,10 @@ def _too_deep(param: str) -> RequestError:
 
 
 def parse_schema(text: str, param: str) -> Any:
-    """A schema's JSON text parsed, after its size and nesting were checked (RequestError beyond them)."""
-    check_size(text, param)
+    """A schema's JSON text parsed, after its nesting and size were checked (RequestError beyond them)."""
     if text_depth(text) > MAX_SCHEMA_DEPTH:
         raise _too_deep(param)
+    check_size(text, param)
     try:
         return json.loads(text)
     except ValueError as exc:
