@@ -185,7 +185,11 @@ class CompileWorkers:
     def _read(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                log.error("grammar compile zygote wrote %r", line[:200])
+                continue
             if "id" in message:
                 self._answered(message["id"], Verdict(message["status"], message.get("message", ""),
                                                       float(message.get("seconds", 0.0))))

@@ -190,7 +190,8 @@ class Zygote:
 
 def main() -> None:
     die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the server ends us
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a signal to the whole group: the server drains, then ends us
+        signal.signal(sig, signal.SIG_IGN)
     out_fd = os.dup(1)
     os.dup2(2, 1)  # whatever an import prints goes to stderr, never into the protocol
     first = b""
