@@ -6,7 +6,7 @@ Starts `python -m service.cli serve` with its defaults (compile budget 5 s, 512 
 sends one small structured request (xgrammar's import, the grammar zygote's start) and records the
 memory of the server process and of its grammar processes (the zygote and its compile children):
 resident (VmRSS) and proportional (Pss, shared pages split between the processes that map them).
-Then two bursts of `--attempts` requests each, `--concurrency` at a time:
+Then bursts of `--attempts` requests each, `--concurrency` at a time, each kind `--rounds` times:
 
 1. the issue's 20,000-property schema (~600 KB), each refused by the cheap checks;
 2. schemas that pass every check but compile for minutes (eight 66-byte patterns, each one
@@ -120,11 +120,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--attempts", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2, help="both bursts, this many times (is the memory steady?)")
     ap.add_argument("--serve-args", default="", help="more `kvserve serve` options, e.g. '--grammar-compile-timeout 2'")
     args = ap.parse_args()
 
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", args.model, "--port", "0",
-                             "--kv-cache-memory", "256MiB", "--log-level", "warning", *args.serve_args.split()],
+                             "--kv-cache-memory", "256MiB", "--log-level", "info", *args.serve_args.split()],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = ""
     assert proc.stdout is not None
@@ -133,7 +134,7 @@ def main() -> None:
         if match:
             base = match.group(1)
             break
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]  # drained
     http = httpx.Client(base_url=base, timeout=600)
 
     def ask(schema: dict) -> tuple[int, float, str]:
@@ -147,12 +148,16 @@ def main() -> None:
 
     try:
         print(f"{args.model}: {ask(SMALL)[:2]} (first structured request: imports, zygote start)")
+        quiet = [ask(SMALL)[1] for _ in range(5)]
+        print(f"small schema alone: median {statistics.median(quiet):.2f} s, max {max(quiet):.2f} s (5 requests)")
         memory = Memory(proc.pid)
         time.sleep(2)
         baseline = memory.now()
         print(show("baseline (after one small schema)", baseline))
-        for name, schemas in (("20,000-property schema", [big_schema()] * args.attempts),
-                              ("schemas over the compile budget", [slow_schema(i) for i in range(args.attempts)])):
+        bursts = [(f"20,000-property schema, round {r + 1}", [big_schema()] * args.attempts) for r in range(args.rounds)]
+        bursts += [(f"schemas over the compile budget, round {r + 1}",
+                    [slow_schema(r * args.attempts + i) for i in range(args.attempts)]) for r in range(args.rounds)]
+        for name, schemas in bursts:
             small: list[float] = []
             done = threading.Event()
 
@@ -178,8 +183,8 @@ def main() -> None:
             print(show("  peak during", memory.peak))
             time.sleep(10)
             print(show("  10 s after", memory.now()))
-        print("\nper-attempt growth of the server's RSS: "
-              f"{(memory.now()['server_rss'] - baseline['server_rss']) / 2**20 / (2 * args.attempts):+.2f} MiB")
+        print(f"\nthe server's RSS after {2 * args.rounds * args.attempts} hostile requests: "
+              f"{(memory.now()['server_rss'] - baseline['server_rss']) / 2**20:+.0f} MiB")
         print(json.dumps({"baseline": baseline, "after": memory.now()}))
     finally:
         proc.terminate()

@@ -19,6 +19,7 @@ child process it kills at the budget (`timeout` seconds of wall clock) or past i
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -32,11 +33,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from model.sampling_params import StructuredOutput
 from service.engine.errors import QueueFullError
 
 log = logging.getLogger("kvserve.engine")
+T = TypeVar("T")
 _STOP_WAIT_S = 5.0
 
 
@@ -238,3 +241,37 @@ class CompileWorkers:
             except subprocess.TimeoutExpired:
                 proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
                 proc.wait()
+
+
+async def wait_for(future: Future[T]) -> T:
+    """`future`'s result, awaited on this loop; cancelling the caller leaves `future` alone (it may be shared)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def set_once() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def wake(_: Future) -> None:
+        try:
+            loop.call_soon_threadsafe(set_once)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    future.add_done_callback(wake)
+    await waiter
+    return future.result()
+
+
+async def in_daemon_thread(fn: Callable[[], T]) -> T:
+    """fn() on a daemon thread of its own (never one the interpreter waits for at exit)."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001  # handed to the awaiting caller
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="kvserve-grammar", daemon=True).start()
+    return await wait_for(future)

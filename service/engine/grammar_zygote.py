@@ -32,6 +32,9 @@ from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _MESSAGE_CHARS = 2000
+# compiles yield the CPU to the engine and the event loop: a burst of hostile schemas must not slow
+# generation (measured: 4 compiles at nice 0 on 2 cores made a 24-token answer 4 s instead of 1 s)
+_NICENESS = 10
 
 
 def die_with_parent() -> None:
@@ -58,6 +61,7 @@ def _compile_in_child(info: Any, job: dict, wfd: int) -> None:
 
     from service.engine.structured_output import compile_spec
     die_with_parent()
+    os.nice(_NICENESS)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # xgrammar's warnings about a user's schema are no log lines of ours
         os.dup2(devnull, fd)

@@ -23,24 +23,20 @@ it survives preemption (a recomputed request keeps its outputs and its matcher) 
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from model.sampling_params import StructuredOutput
 from model.tokenizer import Tokenizer
 from service.engine.errors import EngineDeadError, RequestError
-from service.engine.grammar_workers import CompileBudget, CompilerBusyError, CompileWorkers, Verdict
+from service.engine.grammar_workers import CompileBudget, CompilerBusyError, CompileWorkers, Verdict, in_daemon_thread, wait_for
 
 CACHE_BYTES = 64 << 20
 PROVEN_SPECS = 4096  # keys of specs seen to compile within the budget (32 bytes each)
-T = TypeVar("T")
 SPEC_NAMES = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
               "grammar": "grammar"}
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
@@ -276,37 +272,3 @@ def tokenizer_info(vocab: list[bytes], vocab_size: int, stop_token_ids: list[int
 
 def spec_key(spec: StructuredOutput) -> bytes:
     return hashlib.sha256(f"{spec.kind}\0{int(spec.strict)}\0{spec.value}".encode("utf-8", "surrogatepass")).digest()
-
-
-async def wait_for(future: Future[T]) -> T:
-    """`future`'s result, awaited on this loop; cancelling the caller leaves `future` alone (it may be shared)."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def set_once() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    def wake(_: Future) -> None:
-        try:
-            loop.call_soon_threadsafe(set_once)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-    future.add_done_callback(wake)
-    await waiter
-    return future.result()
-
-
-async def in_daemon_thread(fn: Callable[[], T]) -> T:
-    """fn() on a daemon thread of its own (never one the interpreter waits for at exit)."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as exc:  # noqa: BLE001  # handed to the awaiting caller
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="kvserve-grammar", daemon=True).start()
-    return await wait_for(future)
