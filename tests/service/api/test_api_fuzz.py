@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.service.api.hostile_schemas import hostile_fields
+from tests.service.hostile_schemas import hostile_fields
 from tests.service.live_server import AUTH
 
 EXAMPLES = 100

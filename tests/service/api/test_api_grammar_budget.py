@@ -5,9 +5,10 @@
 - a client's disconnect, and --request-timeout, cancel the compile (its process exits well before the budget);
 - SIGTERM while a compile runs ends the server promptly, with status 0, leaving no process behind.
 
-The slow schema (tests.service.engine.test_grammar_budget) compiles for minutes and passes every
-cheap check. Process ids come from /proc: the server's child is the grammar zygote, whose children
-are the compiles.
+The slow schema (tests.service.hostile_schemas) compiles for minutes and passes every cheap check.
+Process ids come from /proc: the server's child is the grammar zygote, whose children are the
+compiles. The budget options go in as KVSERVE_* variables, so the same tests run against a server
+that does not know them (and fail there, as they did before issue 21).
 """
 from __future__ import annotations
 
@@ -18,15 +19,11 @@ import time
 import httpx
 import pytest
 
-from tests.service.engine.test_grammar_budget import slow_spec
+from tests.service.hostile_schemas import slow_schema
 from tests.service.live_server import LiveServer, open_raw_request, wait_until
 from tests.service.processes import alive, children, descendants
 
 SMALL_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-
-
-def slow_schema(tag: str) -> dict:
-    return json.loads(slow_spec(tag).value)
 
 
 def body(tag: str, **extra) -> dict:
@@ -51,7 +48,7 @@ def warm_up(server: LiveServer) -> None:
 
 @pytest.fixture(scope="module")
 def short_budget():
-    with LiveServer("--grammar-compile-timeout", "1", "--kv-cache-memory", "2MiB") as server:
+    with LiveServer("--kv-cache-memory", "2MiB", env={"KVSERVE_GRAMMAR_COMPILE_TIMEOUT": "1"}) as server:
         warm_up(server)
         yield server
 
@@ -59,8 +56,8 @@ def short_budget():
 @pytest.fixture(scope="module")
 def long_budget():
     """Compiles may run a minute; requests end after 12 s; a drain lasts at most 3 s."""
-    with LiveServer("--grammar-compile-timeout", "60", "--request-timeout", "12", "--shutdown-timeout", "3",
-                    "--kv-cache-memory", "2MiB") as server:
+    with LiveServer("--request-timeout", "12", "--shutdown-timeout", "3", "--kv-cache-memory", "2MiB",
+                    env={"KVSERVE_GRAMMAR_COMPILE_TIMEOUT": "60"}) as server:
         warm_up(server)
         yield server
 

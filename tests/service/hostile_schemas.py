@@ -1,4 +1,5 @@
-"""Issue 21's schema and grammar attacks as request fields (field name, value), for the fuzz test.
+"""Issue 21's schema and grammar attacks as request fields (field name, value), for the fuzz test, and
+the slow schema of the compile-budget tests.
 
 Built without recursion (deep ones as text), each at the size that took the server down before:
 20,000 properties (plain and strict), a 50,000-string enum, 20,000 choices, an anyOf of 20 x 20 x 20
@@ -24,8 +25,14 @@ def _any_of_patterns(n: int = 20) -> dict:
                                             for k in range(n)]} for j in range(n)]} for i in range(n)]}
 
 
-SLOW = {"type": "object", "properties": {k: {"type": "string", "pattern": f"^([a-z]{{1,20}}[0-9]{{1,20}}){{1,1000}}{k}$"}
-                                         for k in "abcdefgh"}}
+def slow_schema(tag: str = "") -> dict:
+    """Passes every cheap check (eight 66-byte patterns) but compiles for minutes: xgrammar expands the
+    bounded repetition of each, ~8 s per property on the tiny model's vocabulary. `tag` makes it distinct."""
+    return {"type": "object", "properties": {
+        k: {"type": "string", "pattern": f"^([a-z]{{1,20}}[0-9]{{1,20}}){{1,1000}}{k}{tag}$"} for k in "abcdefgh"}}
+
+
+SLOW = slow_schema()
 SMALL = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string", "maxLength": 4}}}
 
 
