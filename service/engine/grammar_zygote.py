@@ -17,7 +17,7 @@ in, first `{"vocab": [hex bytes of each token], "vocab_size", "stop_token_ids"}`
 `{"id", "status", "message", "seconds"}` per job, status one of ok | invalid | timeout | memory |
 crashed | cancelled, written only once the child has been reaped: an answer means it is gone. At
 end of stdin (the server closed it, or died) every child is killed and the zygote exits; a child
-also dies with the zygote (PR_SET_PDEATHSIG), and the zygote with the server.
+also dies with the zygote (PR_SET_PDEATHSIG).
 """
 from __future__ import annotations
 
@@ -205,7 +205,8 @@ class Zygote:
 
 
 def main() -> None:
-    die_with_parent()
+    # No PR_SET_PDEATHSIG here: it fires when the *thread* that started us ends, and the server may
+    # start us from any thread. The server's death closes our stdin, which ends us (run, stop).
     for sig in (signal.SIGINT, signal.SIGTERM):  # a signal to the whole group: the server drains, then ends us
         signal.signal(sig, signal.SIG_IGN)
     out_fd = os.dup(1)

@@ -149,3 +149,18 @@ def test_sigterm_while_a_compile_runs_exits_promptly_with_status_0(long_budget):
         assert "Traceback" not in long_budget.log
     finally:
         sock.close()
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_server_leaves_no_compile_behind(start_server):
+    server = start_server("--kv-cache-memory", "2MiB", env={"KVSERVE_GRAMMAR_COMPILE_TIMEOUT": "60"})
+    warm_up(server)
+    sock = open_raw_request(server.base_url, "/v1/completions", body("killed"))
+    try:
+        wait_until(lambda: len(compiles(server)) == 1, "the compile never started")
+        family = descendants(server.proc.pid)
+        server.kill()  # SIGKILL: no drain, no close(); the zygote sees its input end
+        wait_until(lambda: not any(alive(pid) for pid in family), "a grammar process outlived a killed server",
+                   timeout=15)
+    finally:
+        sock.close()
