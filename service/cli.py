@@ -122,6 +122,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="waiting requests per variant beyond which new ones get 503")
     p.add_argument("--request-timeout", type=_seconds(allow_zero=False), default=None,
                    help="seconds from arrival to the end of a request (finish_reason timeout; 503 before its first token)")
+    p.add_argument("--grammar-compile-timeout", type=_seconds(allow_zero=False), default=5.0,
+                   help="seconds one structured-output schema, regex, grammar or choice list may take to compile "
+                   "(in a worker process killed at the deadline); beyond it the request gets a 400")
+    p.add_argument("--grammar-compile-memory", type=_size, default=_size("512MiB"),
+                   help="memory (address space) one grammar compile may take, e.g. 1GiB; beyond it a 400")
+    p.add_argument("--grammar-compile-workers", type=_int_at_least(1, 64), default=4,
+                   help="grammar compiles that run at once; as many more may wait (each at most one "
+                   "--grammar-compile-timeout), beyond that 503")
     p.add_argument("--read-timeout", type=_seconds(allow_zero=False), default=30.0,
                    help="seconds a client gets to send a request's headers, and again its body (408 beyond)")
     p.add_argument("--keep-alive-timeout", type=_seconds(allow_zero=False), default=5.0,
@@ -223,7 +231,8 @@ def serve_options(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue=args.max_queue, request_timeout=args.request_timeout,
         enable_prefix_caching=not args.no_prefix_caching, single_thread_tokens=args.single_thread_tokens,
-        sdpa_decode_seqs=args.sdpa_decode_seqs)
+        sdpa_decode_seqs=args.sdpa_decode_seqs, grammar_compile_timeout=args.grammar_compile_timeout,
+        grammar_compile_memory=args.grammar_compile_memory, grammar_compile_workers=args.grammar_compile_workers)
     if args.api_key and not any(k.strip() for k in args.api_key.split(",")):
         raise ValueError(f"--api-key {args.api_key!r} holds no key")
     if args.prefix_cache_scope == "api-key" and not args.api_key:

@@ -6,7 +6,8 @@ counted in kvserve_requests_rejected_total when it has a reason); on TGI's route
 `/generate_stream`, `POST /`) the body is TGI's instead, `{"error", "error_type"}`, which
 huggingface_hub turns into its ValidationError / OverloadedError. Starlette's own 404 / 405 get the
 OpenAI body; a client that left gets nothing (499 in logs); anything else is a 500 with a one-line
-message, never a traceback. CORS, when --allowed-origins names origins, is Starlette's middleware
+message, never a traceback. HEAD is answered wherever GET is (service.api.head); a path with a
+trailing slash is a 404, never a redirect. CORS, when --allowed-origins names origins, is Starlette's middleware
 (it answers preflight OPTIONS itself, before the API key check). The only package that imports
 FastAPI is this one (service.api).
 """
@@ -20,6 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from service.api.disconnect import ClientGone
 from service.api.errors import APIError
+from service.api.head import HeadAsGet
 from service.api.middleware import RequestContextMiddleware, request_id_of
 from service.api.pipeline import Pipeline
 from service.api.protocol import error_body
@@ -43,7 +45,10 @@ def _tgi_error_type(status: int) -> str:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="kvserve", docs_url=None, redoc_url=None, openapi_url=None)
+    # no redirect to the slash-less path: Starlette builds its Location from the Host header, before
+    # any route (so before the API key check); `/v1/completions/` is a 404 instead
+    app = FastAPI(title="kvserve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    app.add_middleware(HeadAsGet)  # innermost: the access line and metrics still say HEAD
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)  # request id, access line, HTTP metrics
     if state.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["*"],

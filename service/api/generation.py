@@ -22,7 +22,7 @@ from model.sampling_params import SamplingParams
 from service.api.disconnect import unless_disconnected
 from service.api.errors import bad_request, failed, unavailable
 from service.api.request_context import current_record
-from service.engine import Engine, EngineDeadError, QueueFullError, RequestError, RequestOutput
+from service.engine import Engine, EngineDeadError, QueueFullError, RequestError, RequestOutput, RequestTimeoutError
 
 _ACCEPTED = object()  # queued by a choice when the engine takes it, before any of its outputs
 
@@ -108,6 +108,8 @@ async def submit(variant: str, engine: Engine, prompts: list[list[int]], params:
         raise unavailable(f"server busy: {exc}; retry later", "queue_full", "queue_full", variant) from None
     except EngineDeadError as exc:
         raise unavailable(str(exc), "engine_unavailable", "draining", variant) from None
+    except RequestTimeoutError as exc:  # as a timeout before the first token (errors.failed)
+        raise unavailable(str(exc), "timeout", None, variant, retry_after_s=exc.waited_s) from None
     except RequestError as exc:
         raise bad_request(exc, variant, names) from None
     except BaseException:

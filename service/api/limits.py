@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.sampling_params import SamplingParams
+from service.engine.config import EngineConfig
 from service.engine.errors import RequestError
 
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1   # what a 64-bit generator seed takes (torch.Generator.manual_seed)
@@ -30,6 +31,13 @@ MAX_CHOICES = 128                        # prompts x n of one completions reques
 MAX_LOGPROBS = 20                        # top logprobs per token (OpenAI's bound)
 MAX_CACHE_SALT_CHARS = 4096              # a cache_salt (a tenant id, a token) is short
 CHARS_PER_TOKEN_BOUND = 64               # the default prompt-character limit is this x max_model_len
+# structured output, checked before anything compiles (service.api.schema_checks); the compile itself
+# is bounded by --grammar-compile-timeout / --grammar-compile-memory
+MAX_SCHEMA_BYTES = 128 << 10             # a JSON schema, EBNF grammar or choice list, as UTF-8 JSON text
+MAX_SCHEMA_DEPTH = 64                    # JSON nesting levels of a schema (an object property is 2)
+MAX_SCHEMA_PROPERTIES = 1000             # property definitions in a whole schema
+MAX_ENUM_ENTRIES = 1000                  # enum values in a whole schema; entries of a choice list
+MAX_PATTERN_CHARS = 1000                 # a regex: guided_regex, a schema's pattern / patternProperties
 
 
 def shown(value: Any, width: int = 40) -> str:
@@ -205,6 +213,7 @@ class Limits:
 def table(limits: Limits | None = None) -> list[tuple[str, str, str]]:
     """(field, allowed, how to change it): the README's limits table, from the rows above."""
     limits = limits or Limits()
+    compile_budget = EngineConfig()
     rows = [
         ("request body", f"<= {limits.max_body_bytes:,} bytes (413 beyond)", "--max-body-bytes"),
         ("prompt / messages / inputs (characters, before tokenizing)",
@@ -219,6 +228,15 @@ def table(limits: Limits | None = None) -> list[tuple[str, str, str]]:
          "--max-stop, --max-stop-chars"),
         ("stop_token_ids", "each in [0, vocab_size - 1]", "fixed"),
         ("cache_salt", f"1 to {MAX_CACHE_SALT_CHARS:,} characters", "fixed"),
+        ("JSON schema / grammar / choice list (guided_*, response_format, structured_outputs, parameters.grammar)",
+         f"<= {MAX_SCHEMA_BYTES:,} bytes as JSON text", "fixed"),
+        ("JSON schema nesting", f"<= {MAX_SCHEMA_DEPTH} levels (an object property takes 2)", "fixed"),
+        ("JSON schema properties", f"<= {MAX_SCHEMA_PROPERTIES:,} in the whole schema", "fixed"),
+        ("enum values / choices", f"<= {MAX_ENUM_ENTRIES:,} in the whole schema / list", "fixed"),
+        ("regex (guided_regex, pattern, patternProperties)", f"<= {MAX_PATTERN_CHARS:,} characters", "fixed"),
+        ("grammar compile", f"<= {compile_budget.grammar_compile_timeout:g} s and "
+         f"{compile_budget.grammar_compile_memory >> 20} MiB per spec, {compile_budget.grammar_compile_workers} at "
+         "once (400 / 503 beyond)", "--grammar-compile-timeout, --grammar-compile-memory, --grammar-compile-workers"),
     ]
     shown_as = {"logprobs": "logprobs / top_logprobs (chat) / top_n_tokens (/generate)"}
     for field, rule in FIELDS.items():

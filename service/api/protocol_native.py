@@ -19,7 +19,7 @@ from model.sampling_params import SamplingParams, StructuredOutput
 from service.api.limits import check_cache_salt, check_seed
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_openai import ChatMessage
-from service.api.protocol_structured import json_spec
+from service.api.protocol_structured import json_spec, regex_spec
 from service.engine.errors import RequestError
 
 DEFAULT_MAX_NEW_TOKENS = 100  # as TGI
@@ -85,7 +85,7 @@ class GenerateParameters(RequestBody):
             if not isinstance(g.value, str):
                 raise RequestError("parameters.grammar.value: a regex grammar's value must be a string",
                                    "parameters.grammar.value")
-            return StructuredOutput("regex", g.value)
+            return regex_spec(g.value, "parameters.grammar.value")
         return json_spec(g.value, "parameters.grammar.value")
 
 

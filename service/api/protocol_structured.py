@@ -3,18 +3,19 @@
 OpenAI's `response_format` (text, json_object, json_schema with `strict`), vLLM's `guided_json`,
 `guided_regex`, `guided_choice`, `guided_grammar` and their newer form `structured_outputs`
 ({json | regex | choice | grammar | json_object}); TGI's `grammar` ({type: json | json_schema |
-regex, value}) is in protocol_native. At most one may be given; the engine compiles it (an invalid
-schema, regex or grammar is a 400 naming the field it came in). No FastAPI here.
+regex, value}) is in protocol_native. At most one may be given; each is checked against the limits
+(service.api.schema_checks) before the engine compiles it (an invalid schema, regex or grammar, or
+one beyond a limit or the compile budget, is a 400 naming the field it came in). No FastAPI here.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
 from model.sampling_params import StructuredOutput
 from service.api.protocol import RequestBody
+from service.api.schema_checks import check_choices, check_regex, check_schema, check_size, parse_schema
 from service.engine.errors import RequestError
 
 
@@ -42,15 +43,28 @@ class StructuredOutputsSpec(RequestBody):
 
 
 def json_spec(schema: str | dict[str, Any], param: str, strict: bool = False) -> StructuredOutput:
-    """A JSON-schema spec from a schema object or its JSON text (RequestError naming `param` if neither)."""
+    """A JSON-schema spec from a schema object or its JSON text (RequestError naming `param` if neither,
+    or if it is beyond the limits: service.api.schema_checks)."""
     if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as exc:
-            raise RequestError(f"{param}: the schema is not valid JSON: {exc}", param) from None
+        schema = parse_schema(schema, param)
     if not isinstance(schema, dict):
         raise RequestError(f"{param}: a JSON schema must be an object", param)
-    return StructuredOutput("json", json.dumps(schema), strict=strict)
+    return StructuredOutput("json", check_schema(schema, param), strict=strict)
+
+
+def regex_spec(pattern: str, param: str) -> StructuredOutput:
+    check_regex(pattern, param)
+    return StructuredOutput("regex", pattern)
+
+
+def choice_spec(choices: list[str], param: str) -> StructuredOutput:
+    check_choices(choices, param)
+    return StructuredOutput.choice(choices)
+
+
+def grammar_spec(grammar: str, param: str) -> StructuredOutput:
+    check_size(grammar, param, "grammar")
+    return StructuredOutput("grammar", grammar)
 
 
 class StructuredFields(RequestBody):
@@ -86,11 +100,11 @@ class StructuredFields(RequestBody):
         if self.guided_json is not None:
             found.append((json_spec(self.guided_json, "guided_json"), "guided_json"))
         if self.guided_regex is not None:
-            found.append((StructuredOutput("regex", self.guided_regex), "guided_regex"))
+            found.append((regex_spec(self.guided_regex, "guided_regex"), "guided_regex"))
         if self.guided_choice is not None:
-            found.append((StructuredOutput.choice(self.guided_choice), "guided_choice"))
+            found.append((choice_spec(self.guided_choice, "guided_choice"), "guided_choice"))
         if self.guided_grammar is not None:
-            found.append((StructuredOutput("grammar", self.guided_grammar), "guided_grammar"))
+            found.append((grammar_spec(self.guided_grammar, "guided_grammar"), "guided_grammar"))
         so = self.structured_outputs
         if so is not None:
             given = [name for name in ("json", "regex", "choice", "grammar") if getattr(so, name if name != "json" else "json_")
@@ -102,11 +116,11 @@ class StructuredFields(RequestBody):
             if so.json_ is not None:
                 found.append((json_spec(so.json_, param), param))
             elif so.regex is not None:
-                found.append((StructuredOutput("regex", so.regex), param))
+                found.append((regex_spec(so.regex, param), param))
             elif so.choice is not None:
-                found.append((StructuredOutput.choice(so.choice), param))
+                found.append((choice_spec(so.choice, param), param))
             elif so.grammar is not None:
-                found.append((StructuredOutput("grammar", so.grammar), param))
+                found.append((grammar_spec(so.grammar, param), param))
             else:
                 found.append((StructuredOutput("json_object"), param))
         if len(found) > 1:

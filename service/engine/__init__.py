@@ -5,9 +5,9 @@ scheduler, runner and output processing behind it are internal. Imports no FastA
 """
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
-from service.engine.errors import ContextLengthError, EngineDeadError, QueueFullError, RequestError
+from service.engine.errors import ContextLengthError, EngineDeadError, QueueFullError, RequestError, RequestTimeoutError
 from service.engine.observer import EngineObserver, EngineStats
 from service.engine.outputs import RequestOutput
 
 __all__ = ["ContextLengthError", "Engine", "EngineConfig", "EngineDeadError", "EngineObserver", "EngineStats", "QueueFullError",
-           "RequestError", "RequestOutput"]
+           "RequestError", "RequestOutput", "RequestTimeoutError"]

@@ -18,6 +18,9 @@ class EngineConfig:
     single_thread_tokens: int | None = None  # steps of at most this many tokens run on 1 thread; None: measured
     sdpa_decode_seqs: int | None = None   # pure decode steps of at most this many sequences run in the sdpa
                                           # form of --attention flash; None: measured
+    grammar_compile_timeout: float = 5.0  # seconds one structured-output spec may take to compile
+    grammar_compile_memory: int = 512 << 20  # bytes of address space one compile may take
+    grammar_compile_workers: int = 4      # compiles at once (as many more may wait)
 
     def __post_init__(self) -> None:
         checks = [
@@ -30,6 +33,9 @@ class EngineConfig:
             ("num_threads", self.num_threads is None or self.num_threads >= 1, ">= 1"),
             ("single_thread_tokens", self.single_thread_tokens is None or self.single_thread_tokens >= 0, ">= 0"),
             ("sdpa_decode_seqs", self.sdpa_decode_seqs is None or self.sdpa_decode_seqs >= 0, ">= 0"),
+            ("grammar_compile_timeout", self.grammar_compile_timeout > 0, "> 0"),
+            ("grammar_compile_memory", self.grammar_compile_memory >= 16 << 20, ">= 16 MiB"),
+            ("grammar_compile_workers", self.grammar_compile_workers >= 1, ">= 1"),
         ]
         for name, ok, allowed in checks:
             if not ok:

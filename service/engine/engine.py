@@ -6,7 +6,7 @@ the event loop. Each step: drain the inbox (new requests, aborts), expire timed-
 schedule, run the model on the flat batch, sample (rows with a grammar or a min_tokens ban under
 their token masks; other rows pay nothing for them), then detokenize and deliver outputs back to
 each caller's loop with call_soon_threadsafe. A structured-output request's grammar is compiled
-before it is queued, on the grammar compiler's own threads (service.engine.structured_output).
+before it is queued, off the engine thread and within the compile budget (service.engine.structured_output).
 A failure is kept to the request it belongs to: a batched forward that raises is retried one
 request at a time, a batch whose sampling raises is sampled row by row (service.engine.isolated_step),
 and output processing runs per request, so only the request that breaks ends with finish_reason
@@ -28,12 +28,13 @@ import torch
 from kvcache.kv_cache import KVCache
 from kvcache.manager import KVCacheManager
 from model.sampler import Sampler
-from model.sampling_params import SamplingParams
+from model.sampling_params import SamplingParams, StructuredOutput
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from service.engine.config import EngineConfig
 from service.engine.decode_path import measure_sdpa_decode_seqs
-from service.engine.errors import ContextLengthError, EngineDeadError, QueueFullError, RequestError
+from service.engine.errors import ContextLengthError, EngineDeadError, QueueFullError, RequestError, RequestTimeoutError
+from service.engine.grammar_workers import CompileBudget
 from service.engine.isolated_step import IsolatedStep
 from service.engine.observer import EngineObserver, EngineStats
 from service.engine.output_processor import OutputProcessor
@@ -42,7 +43,7 @@ from service.engine.request import Request
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerOutput
 from service.engine.step_threads import measure_single_thread_tokens
-from service.engine.structured_output import GrammarCompiler
+from service.engine.structured_output import GrammarCompiler, TokenMatcher
 
 log = logging.getLogger("kvserve.engine")
 _IDLE_WAIT_S = 0.05
@@ -86,7 +87,9 @@ class Engine:
         self._single_thread_tokens = 0              # steps of at most this many tokens run on one thread
         self.sampler = Sampler()
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
-        self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, budget=CompileBudget(
+            config.grammar_compile_timeout, config.grammar_compile_memory, config.grammar_compile_workers))
+        self._compiling = 0                    # requests whose grammar is compiling (not yet in _live)
         self.step_work = IsolatedStep(self.runner, self.sampler, self.grammars,
                                       lambda req, error: self._finish(req, "error", error=error), name)
         self._lock = threading.Lock()
@@ -108,7 +111,7 @@ class Engine:
     @property
     def num_unfinished(self) -> int:
         with self._lock:
-            return len(self._live)
+            return len(self._live) + self._compiling
 
     def start(self) -> None:
         if self._thread is None:
@@ -167,14 +170,15 @@ class Engine:
         without waiting for the first token."""
         self.validate(prompt_token_ids, params)
         # compiled (or found in the cache) off this loop and off the engine thread; RequestError if invalid
-        grammar = None if params.structured_output is None else await self.grammars.matcher(params.structured_output)
+        arrival = time.monotonic()
+        grammar = None if params.structured_output is None else await self._grammar(params.structured_output)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def on_output(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, out)
 
-        req = self.outputs.new_request(request_id, list(prompt_token_ids), params, time.monotonic(), on_output)
+        req = self.outputs.new_request(request_id, list(prompt_token_ids), params, arrival, on_output)
         req.cache_salt = cache_salt
         if params.seed is not None:
             req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
@@ -236,6 +240,20 @@ class Engine:
             self._drain_inbox()
             self._finish_all("abort", None)
         self._stats = self._snapshot()  # alive=False from now on
+
+    async def _grammar(self, spec: StructuredOutput) -> TokenMatcher:
+        """The request's matcher, its compile within the grammar budget and within the request's own
+        timeout (counted from its arrival, which is now): past it the compile is cancelled."""
+        timeout = self.config.request_timeout
+        self._compiling += 1
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.grammars.matcher(spec)
+        except TimeoutError:
+            raise RequestTimeoutError(f"request timed out after {timeout:g}s while its grammar compiled",
+                                      waited_s=timeout or 0.0) from None
+        finally:
+            self._compiling -= 1
 
     def _drain_inbox(self) -> None:
         with self._lock:

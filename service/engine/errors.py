@@ -20,3 +20,11 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop is not running: stopped, draining or crashed (503)."""
+
+
+class RequestTimeoutError(RuntimeError):
+    """--request-timeout passed before the engine took the request (its grammar was still compiling): 503."""
+
+    def __init__(self, message: str, waited_s: float):
+        super().__init__(message)
+        self.waited_s = waited_s

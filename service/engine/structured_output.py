@@ -4,10 +4,12 @@ xgrammar does the grammar work (chosen by measuring the per-token mask cost on t
 llguidance and outlines-core: benchmarks/grammar_libs.py, BENCHMARKS.md). Its view of the
 vocabulary is built here from our tokenizer, offline: every token's raw bytes, special tokens as
 empty strings (never allowed), and the tokenizer's end-of-generation ids as the stop tokens a
-finished grammar allows. Compiling happens on a small thread pool of its own (xgrammar releases the
-GIL), never on the engine thread or the event loop, so a large schema delays only its own request;
-compiled grammars are cached by their spec (xgrammar's cache, bounded in bytes), so a schema
-compiles once. xgrammar is imported on the first structured request, not at start-up.
+finished grammar allows. xgrammar cannot stop a compile, so a spec not yet seen to compile within
+the budget (--grammar-compile-timeout, --grammar-compile-memory) is first compiled in a child
+process that is killed at the budget (service.engine.grammar_workers, grammar_zygote): a spec over
+it is a 400, and one that fits is then compiled here, on a daemon thread, never on the engine
+thread or the event loop. Compiled grammars are cached by their spec (xgrammar's cache, bounded in
+bytes). xgrammar is imported on the first structured request, not at start-up.
 
 Two corrections on top of xgrammar, both as extra masks: its matcher admits byte sequences that
 are not UTF-8 (surrogates, overlong forms, code points past U+10FFFF) where a grammar allows "any
@@ -21,19 +23,22 @@ it survives preemption (a recomputed request keeps its outputs and its matcher) 
 """
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import json
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
 from typing import Any, Protocol
 
 from model.sampling_params import StructuredOutput
 from model.tokenizer import Tokenizer
-from service.engine.errors import RequestError
+from service.engine.errors import EngineDeadError, RequestError
+from service.engine.grammar_workers import CompileBudget, CompilerBusyError, CompileWorkers, Verdict, in_daemon_thread, wait_for
 
-COMPILE_THREADS = 2
 CACHE_BYTES = 64 << 20
+PROVEN_SPECS = 4096  # keys of specs seen to compile within the budget (32 bytes each)
+SPEC_NAMES = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
+              "grammar": "grammar"}
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -67,6 +72,33 @@ def check_json_schema(schema: Any) -> None:
 def choice_grammar(choices: list[str]) -> str:
     """An EBNF grammar matching exactly one of `choices` (JSON string escapes are GBNF's too)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def compile_spec(compiler: Any, kind: str, value: str, strict: bool = False) -> Any:
+    """`compiler` (xgrammar's) compiling one spec; RequestError naming the problem when it is invalid,
+    MemoryError when it ran out of memory (a failed C++ allocation under the zygote's RLIMIT_AS)."""
+    try:
+        if kind == "json":
+            check_json_schema(json.loads(value))
+            # compact separators: no runs of whitespace for a small model to get lost in
+            return compiler.compile_json_schema(value, any_whitespace=False, strict_mode=strict)
+        if kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if kind == "regex":
+            return compiler.compile_regex(value)
+        if kind == "choice":
+            choices = json.loads(value)
+            if not choices or not all(isinstance(c, str) and c for c in choices):
+                raise ValueError("choice needs at least one option, each a non-empty string")
+            return compiler.compile_grammar(choice_grammar(choices))
+        return compiler.compile_grammar(value)
+    except (ValueError, RuntimeError) as exc:
+        message = _clean(exc)
+        if "bad_alloc" in message:
+            raise MemoryError(message) from None
+        what = SPEC_NAMES[kind]
+        raise RequestError(message if message.startswith("invalid") else f"invalid {what}: {message}",
+                           "structured_output") from None
 
 
 # A lead byte whose next byte is narrower than 80-BF in UTF-8 (RFC 3629): the allowed range.
@@ -111,20 +143,38 @@ class GuardedMatcher:
 
 
 class GrammarCompiler:
-    """Compiles StructuredOutputs for one tokenizer and hands out fresh matchers for them."""
+    """Compiles StructuredOutputs for one tokenizer and hands out fresh matchers for them.
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, threads: int = COMPILE_THREADS,
+    A spec not yet proven to compile in time is compiled first by `workers` (killable child
+    processes, within `budget`); only then is it compiled here, where nothing can stop a compile, on
+    a daemon thread (a compile that is proven bounded never holds up the process's exit)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, budget: CompileBudget | None = None,
                  cache_bytes: int = CACHE_BYTES):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.cache_bytes = cache_bytes
+        self.budget = budget or CompileBudget()
         self.bitmask_width = (vocab_size + 31) // 32  # int32 words per bitmask row
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvserve-grammar")
+        self.workers = CompileWorkers(self._tokenizer_message, self.budget)
+        self._proven: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
         self._compiler: Any = None
         self._vocab: list[bytes] = []
         self._allowed: dict[bool, Any] = {}  # json? -> (bitmask_width,) int32 of the tokens a grammar may use
         self._second: dict[int, Any] = {}    # lead byte -> tokens that may follow it
+
+    def vocabulary(self) -> list[bytes]:
+        """xgrammar's view of our tokens: raw bytes, special tokens (and ids past the tokenizer's) empty."""
+        tok = self.tokenizer
+        specials = tok.special_token_ids
+        vocab = [b"" if i in specials else b for i, b in enumerate(tok.token_bytes(range(tok.vocab_size)))]
+        return vocab + [b""] * (self.vocab_size - len(vocab))
+
+    def _tokenizer_message(self) -> dict:
+        """What the zygote builds its TokenizerInfo from (it needs no xgrammar import here)."""
+        return {"vocab": [t.hex() for t in self.vocabulary()], "vocab_size": self.vocab_size,
+                "stop_token_ids": sorted(self.tokenizer.eos_token_ids)}
 
     def _xgrammar(self) -> Any:
         """xgrammar's GrammarCompiler for our vocabulary, built on first use."""
@@ -132,17 +182,12 @@ class GrammarCompiler:
             if self._compiler is None:
                 import xgrammar as xgr
 
-                tok = self.tokenizer
-                specials = tok.special_token_ids
-                raw = tok.token_bytes(range(tok.vocab_size))
-                vocab = [b"" if i in specials else b for i, b in enumerate(raw)]
-                vocab += [b""] * (self.vocab_size - len(vocab))  # ids past the tokenizer's: never allowed
-                info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
-                                         stop_token_ids=sorted(tok.eos_token_ids))
+                vocab = self.vocabulary()
+                info = tokenizer_info(vocab, self.vocab_size, sorted(self.tokenizer.eos_token_ids))
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
                                                      cache_limit_bytes=self.cache_bytes)
                 self._vocab = vocab
-                stops = tok.eos_token_ids
+                stops = self.tokenizer.eos_token_ids
                 clean = [_utf8_clean(t) or i in stops for i, t in enumerate(vocab)]
                 self._allowed = {False: self._pack(clean),
                                  True: self._pack([ok and (i in stops or all(b >= 0x20 for b in t))
@@ -161,30 +206,9 @@ class GrammarCompiler:
         return torch.from_numpy(np.packbits(bits, bitorder="little").view(np.int32).copy())
 
     def compile(self, spec: StructuredOutput) -> Any:
-        """The CompiledGrammar of `spec` (cached); RequestError naming the problem when it is invalid."""
-        compiler = self._xgrammar()
-        try:
-            if spec.kind == "json":
-                schema = json.loads(spec.value)
-                check_json_schema(schema)
-                # compact separators: no runs of whitespace for a small model to get lost in
-                return compiler.compile_json_schema(spec.value, any_whitespace=False, strict_mode=spec.strict)
-            if spec.kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-            if spec.kind == "regex":
-                return compiler.compile_regex(spec.value)
-            if spec.kind == "choice":
-                choices = spec.choices
-                if not choices or not all(isinstance(c, str) and c for c in choices):
-                    raise ValueError("choice needs at least one option, each a non-empty string")
-                return compiler.compile_grammar(choice_grammar(choices))
-            return compiler.compile_grammar(spec.value)
-        except (ValueError, RuntimeError) as exc:
-            what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
-                    "grammar": "grammar"}[spec.kind]
-            message = _clean(exc)
-            raise RequestError(message if message.startswith("invalid") else f"invalid {what}: {message}",
-                               "structured_output") from None
+        """The CompiledGrammar of `spec` (cached), compiled in this process and not stoppable: call it
+        only for specs proven to compile in time (`matcher` does); RequestError when it is invalid."""
+        return compile_spec(self._xgrammar(), spec.kind, spec.value, spec.strict)
 
     def new_matcher(self, compiled: Any, spec: StructuredOutput) -> TokenMatcher:
         import xgrammar as xgr
@@ -192,9 +216,59 @@ class GrammarCompiler:
                               self._second, self._vocab)
 
     async def matcher(self, spec: StructuredOutput) -> TokenMatcher:
-        """A fresh matcher for `spec`, compiled (or found in the cache) off the calling thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: self.new_matcher(self.compile(spec), spec))
+        """A fresh matcher for `spec`: proven in a worker within the budget if it is new, then compiled
+        (or found in the cache) here, off the calling thread. RequestError when it is invalid or over
+        the budget; CompilerBusyError when the workers are full. Cancelling the caller cancels the compile."""
+        key = spec_key(spec)
+        if key not in self._proven:
+            await self._prove(spec, key)
+            with self._lock:
+                self._proven[key] = None
+                while len(self._proven) > PROVEN_SPECS:
+                    self._proven.popitem(last=False)
+        with self._lock:
+            if key in self._proven:
+                self._proven.move_to_end(key)
+        compiled = await in_daemon_thread(lambda: self.compile(spec))
+        return self.new_matcher(compiled, spec)
+
+    async def _prove(self, spec: StructuredOutput, key: bytes) -> None:
+        job = self.workers.submit(spec, key)
+        try:
+            await in_daemon_thread(self._xgrammar)  # imported here meanwhile (once; seconds), for the matcher
+            verdict = await wait_for(job.future)
+        finally:
+            self.workers.release(job)
+        if verdict.status != "ok":
+            raise self.refusal(spec, verdict)
+
+    def refusal(self, spec: StructuredOutput, verdict: Verdict) -> Exception:
+        """What a request is answered when its spec did not compile in a worker."""
+        what = SPEC_NAMES[spec.kind]
+        if verdict.status == "invalid":
+            return RequestError(verdict.message, "structured_output")
+        if verdict.status == "timeout":
+            return RequestError(f"the {what} is too complex to compile within {self.budget.timeout:g}s "
+                                "(--grammar-compile-timeout): simplify it", "structured_output")
+        if verdict.status == "memory":
+            return RequestError(f"the {what} needs more than {self.budget.memory >> 20} MiB to compile "
+                                "(--grammar-compile-memory): simplify it", "structured_output")
+        if verdict.status == "crashed":
+            return RequestError(f"the {what} could not be compiled: {verdict.message} (a compile may use "
+                                f"{self.budget.memory >> 20} MiB: --grammar-compile-memory)", "structured_output")
+        if verdict.status == "unavailable":
+            return EngineDeadError(f"grammar compiler unavailable: {verdict.message}")
+        return CompilerBusyError(f"the {what}'s compile was cancelled")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.close()
+
+
+def tokenizer_info(vocab: list[bytes], vocab_size: int, stop_token_ids: list[int]) -> Any:
+    """xgrammar's TokenizerInfo of a raw-bytes vocabulary (here and in the zygote alike)."""
+    import xgrammar as xgr
+    return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+
+
+def spec_key(spec: StructuredOutput) -> bytes:
+    return hashlib.sha256(f"{spec.kind}\0{int(spec.strict)}\0{spec.value}".encode("utf-8", "surrogatepass")).digest()

@@ -42,6 +42,9 @@ OPTIONS = [
     ("--max-num-batched-tokens", "99", "max_num_batched_tokens", 99),
     ("--max-queue", "0", "max_queue", 0),
     ("--request-timeout", "2.5", "request_timeout", 2.5),
+    ("--grammar-compile-timeout", "1.5", "grammar_compile_timeout", 1.5),
+    ("--grammar-compile-memory", "1GiB", "grammar_compile_memory", 1 << 30),
+    ("--grammar-compile-workers", "2", "grammar_compile_workers", 2),
     ("--api-key", "s3cret", "api_key", "s3cret"),
     ("--host", "0.0.0.0", "host", "0.0.0.0"),
     ("--port", "0", "port", 0),
@@ -101,6 +104,8 @@ def test_command_line_beats_environment():
     (["--sdpa-decode-seqs", "-1"], "-1 is out of range: must be >= 0"),
     (["--kv-cache-memory", "lots"], "'lots'"),
     (["--request-timeout", "0"], "> 0"),
+    (["--grammar-compile-timeout", "0"], "> 0"),
+    (["--grammar-compile-workers", "0"], "must be in [1, 64]"),
     (["--shutdown-timeout", "-3"], ">= 0"),
     (["--variants", "mha,gqa"], "'gqa'"),
     (["--variants", "mqa,mqa"], "twice"),
@@ -135,11 +140,14 @@ def test_serve_options_builds_the_engine_config():
     args = parse(["--model", "tiny", "--dtype", "float32", "--kv-cache-memory", "4MiB", "--block-size", "8",
                   "--max-model-len", "256", "--max-num-seqs", "3", "--max-num-batched-tokens", "64",
                   "--max-queue", "5", "--request-timeout", "9", "--no-prefix-caching", "--api-key", "k",
-                  "--single-thread-tokens", "4", "--sdpa-decode-seqs", "2"])
+                  "--single-thread-tokens", "4", "--sdpa-decode-seqs", "2", "--grammar-compile-timeout", "3",
+                  "--grammar-compile-memory", "64MiB", "--grammar-compile-workers", "2"])
     opts = cli.serve_options(args)
     assert opts.engine == EngineConfig(kv_cache_memory=4 << 20, block_size=8, max_model_len=256, max_num_seqs=3,
                                        max_num_batched_tokens=64, max_queue=5, request_timeout=9.0,
-                                       enable_prefix_caching=False, single_thread_tokens=4, sdpa_decode_seqs=2)
+                                       enable_prefix_caching=False, single_thread_tokens=4, sdpa_decode_seqs=2,
+                                       grammar_compile_timeout=3.0, grammar_compile_memory=64 << 20,
+                                       grammar_compile_workers=2)
     assert (opts.model, opts.dtype, opts.api_key) == ("tiny", "float32", "k")
     assert (opts.threads, opts.log_stats_interval) == (None, 10.0)  # None: sized from the CPUs at start-up
     assert opts.limits == Limits()

@@ -77,6 +77,7 @@ def browser(tmp_path: Path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations are console errors
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
 
 
@@ -141,5 +142,12 @@ def test_chat_streams_and_the_kv_panel_moves(server, tmp_path):
         # offline: everything the page loaded came from the server itself
         urls = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert urls and all(u.startswith(server.base_url) for u in urls), urls
+
+        # under its strict Content-Security-Policy (issue 21): nothing was blocked, the bars have widths
+        assert "script-src 'sha256-" in httpx.get(server.url("/")).headers["content-security-policy"]
+        blocked = [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not blocked, blocked
+        width = driver.execute_script("return document.querySelector(arguments[0] + ' .bar .cached').style.width", card)
+        assert width.endswith("%") and float(width[:-1]) > 0, width
     finally:
         driver.quit()
