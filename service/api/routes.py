@@ -1,7 +1,7 @@
 """The routes: each says only what differs between endpoints; `Pipeline` does the rest.
 
 OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}`;
-Text Generation Inference's `/generate`, `/generate_stream` and `POST /`; `/tokenize`,
+Text Generation Inference's `/generate`, `/generate_stream`, `POST /` and `GET /info`; `/tokenize`,
 `/detokenize`; `/health` and `/metrics` (open to probes and scrapers).
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ from service.api.protocol_openai import ChatCompletionRequest, CompletionRequest
 from service.api.protocol_structured import StructuredFields
 from service.api.responses import GenerateAnswer, OpenAIAnswer
 from service.api.sse import EventStream
+from service.api.state import TGI_PLACEHOLDER_MODELS
+from service.api.tgi_info import tgi_info
 
 
 def register_routes(app: FastAPI, pipe: Pipeline) -> None:
@@ -44,7 +46,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
     async def openai_answer(request: Request, job: Job, model: str | None, n: int, logprobs: bool,
                             include_usage: bool, *, chat: bool, stream: bool, continuous_usage: bool = False) -> Response:
         """Run one OpenAI call's engine requests; answer as one JSON body or as SSE."""
-        model_id = model or state.model_ids()[0]
+        model_id = state.model_ids()[0] if model is None or model in TGI_PLACEHOLDER_MODELS else model
         created = int(time.time())
 
         def answer(rid: str) -> OpenAIAnswer:
@@ -76,6 +78,11 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/info")
+    async def info(request: Request) -> Response:
+        pipe.admit(request)
+        return JSONResponse(tgi_info(state))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -11,6 +11,9 @@ from service.engine import Engine
 from service.metrics import ServerMetrics
 
 SSE_KEEP_ALIVE_S = 10.0
+# What TGI's clients send as `model` (TGI itself ignores the field): huggingface_hub's
+# InferenceClient sends "dummy" for a base URL, TGI's own docs and examples "tgi".
+TGI_PLACEHOLDER_MODELS = frozenset({"tgi", "dummy"})
 
 
 @dataclass(slots=True)
@@ -54,8 +57,8 @@ class ServerState:
 
     def route(self, model: str | None) -> str:
         """The variant a request's `model` names: `<model>:<variant>`, or the bare model name (or
-        nothing) for the first variant. LookupError for anything else."""
-        if model is None or model == self.model_name:
+        nothing, or a placeholder of TGI's clients) for the first variant. LookupError for anything else."""
+        if model is None or model == self.model_name or model in TGI_PLACEHOLDER_MODELS:
             return self.default_variant
         name, sep, variant = model.rpartition(":")
         if sep and name == self.model_name and variant in self.engines:
