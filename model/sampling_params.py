@@ -51,6 +51,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None       # top-k logprobs of each chosen token, 0..20
+    prompt_logprobs: int | None = None  # logprob of each prompt token (the first has none) and its top-k, 0..20
     min_tokens: int = 0               # the first min_tokens generated tokens never end the request
     structured_output: StructuredOutput | None = None
     extra: dict = field(default_factory=dict, compare=False)
@@ -66,6 +67,7 @@ class SamplingParams:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "in [0, 20]"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -81,3 +83,4 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+    rank: int | None = None   # prompt logprobs: 1 + the number of tokens likelier than this one

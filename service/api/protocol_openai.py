@@ -12,7 +12,7 @@ from pydantic import BaseModel, field_validator, model_serializer
 from model.sampling_params import SamplingParams
 from service.api.limits import MAX_CHOICES, MAX_N, check_cache_salt, check_choices, check_seed
 from service.api.protocol import RequestBody, sampling_params
-from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs
+from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs, PromptLogprob
 from service.api.protocol_structured import StructuredFields
 from service.engine.errors import RequestError
 
@@ -83,7 +83,8 @@ class _SamplingFields(StructuredFields):
     def continuous_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
-    def _params(self, max_tokens: int, logprobs: int | None, names: dict[str, str], seed_offset: int) -> SamplingParams:
+    def _params(self, max_tokens: int, logprobs: int | None, names: dict[str, str], seed_offset: int,
+                prompt_logprobs: int | None = None) -> SamplingParams:
         check_seed(self.seed, self.n)
         structured, _ = self.structured_output()
         return sampling_params(
@@ -94,6 +95,7 @@ class _SamplingFields(StructuredFields):
             seed=None if self.seed is None else self.seed + seed_offset,
             stop=_stop_tuple(self.stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, min_tokens=self.min_tokens, structured_output=structured,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -101,7 +103,8 @@ class CompletionRequest(_SamplingFields):
     prompt: Any
     max_tokens: int | None = None
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False                  # the prompt before the completion (with logprobs: the prompt's too)
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and its top-k, beside the choice
     best_of: int | None = None
     suffix: str | None = None
 
@@ -117,13 +120,17 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("must be a non-empty string, list of strings, list of token ids or list of token-id lists")
         return v
 
-    @field_validator("echo", "suffix")
+    @field_validator("suffix")
     @classmethod
-    def _unsupported(cls, v, info):
+    def _unsupported(cls, v):
         if v:
-            allowed = "false" if info.field_name == "echo" else "null or an empty string"
-            raise ValueError(f"{info.field_name} is not supported: only {allowed}")
+            raise ValueError("suffix is not supported: only null or an empty string")
         return v
+
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt (and its logprobs) alone, nothing generated."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt as text or token ids (RequestError past MAX_CHOICES engine requests)."""
@@ -135,7 +142,14 @@ class CompletionRequest(_SamplingFields):
     def to_sampling_params(self, choice: int = 0) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError(f"best_of={self.best_of} is not supported: only best_of == n", "best_of")
-        return self._params(16 if self.max_tokens is None else self.max_tokens, self.logprobs, {}, choice)
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens=0 is out of range: it must be >= 1 (0 only with echo=true)", "max_tokens")
+        # prompt only: the engine samples one token, which the answer leaves out
+        max_tokens = 16 if self.max_tokens is None else max(self.max_tokens, 1)
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = max(self.prompt_logprobs, prompt_logprobs or 0)
+        return self._params(max_tokens, self.logprobs, {}, choice, prompt_logprobs)
 
 
 class TextPart(RequestBody):
@@ -263,6 +277,14 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's, when asked for
+
+    @model_serializer(mode="wrap")
+    def _prompt_logprobs_when_asked(self, handler):
+        data = handler(self)
+        if data.get("prompt_logprobs") is None:
+            data.pop("prompt_logprobs", None)
+        return data
 
 
 class CompletionResponse(BaseModel):

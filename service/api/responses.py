@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from service.api.echo import Echo
 from service.api.protocol import SSE_DONE, error_body, sse_event
 from service.api.protocol_logprobs import chat_logprobs, clamp_logprob, completion_logprobs
 from service.api.protocol_native import Details, GenerateResponse, StreamDetails, StreamResponse, TGIError, Token
@@ -64,26 +65,44 @@ class OpenAIAnswer:
     token_bytes: Callable | None = None  # exact bytes where the tokenizer knows them
     system_fingerprint: str | None = None
     continuous_usage: bool = False       # usage so far on every chunk (vLLM's continuous_usage_stats)
+    echo: Echo | None = None             # completions: the prompt shown before the completion
+
+    def _completion_choice(self, i: int, outs: list[RequestOutput], first: RequestOutput | None) -> CompletionChoice:
+        """Choice i of these outputs; `first`: the choice's first output, when `outs` include it."""
+        text = "".join(o.new_text for o in outs)
+        lp = completion_logprobs(logprob_entries(outs), self.token_strings) if self.logprobs else None
+        finish = outs[-1].finish_reason
+        echo = self.echo
+        if echo is None:
+            return CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)
+        entries = first.prompt_logprobs if first is not None else None
+        return CompletionChoice(index=i, text=echo.text(i, text) if first is not None else "" if echo.prompt_only
+                                else text, logprobs=echo.logprobs_of(i, entries, lp), finish_reason=finish,
+                                prompt_logprobs=echo.vllm(entries))
 
     def completion(self, outputs: list[list[RequestOutput]]) -> CompletionResponse:
-        choices = [CompletionChoice(
-            index=i, text="".join(o.new_text for o in outs), finish_reason=outs[-1].finish_reason,
-            logprobs=completion_logprobs(logprob_entries(outs), self.token_strings) if self.logprobs else None)
-            for i, outs in enumerate(outputs)]
+        choices = [self._completion_choice(i, outs, outs[0]) for i, outs in enumerate(outputs)]
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                  usage=usage(outputs, self.n), system_fingerprint=self.system_fingerprint)
+                                  usage=self._completion_usage(outputs), system_fingerprint=self.system_fingerprint)
+
+    def _completion_usage(self, outputs: list[list[RequestOutput]]) -> Usage:
+        total = usage(outputs, self.n)
+        if self.echo is not None and self.echo.prompt_only:  # the sampled token is not shown: not counted
+            total.completion_tokens, total.total_tokens = 0, total.prompt_tokens
+        return total
 
     async def completion_stream(self, events: ChoiceEvents, num_choices: int) -> AsyncIterator[bytes]:
         offsets = [0] * num_choices
         by_choice: list[list[RequestOutput]] = [[] for _ in range(num_choices)]
         async for i, out in events:
+            first = out if not by_choice[i] else None
             by_choice[i].append(out)
-            lp = None
-            if self.logprobs:
-                lp = completion_logprobs(out.logprobs or [], self.token_strings, offsets[i])
+            choice = self._completion_choice(i, [out], first)
+            lp = choice.logprobs
+            if lp is not None:
+                lp.text_offset = [offsets[i] + o for o in lp.text_offset]
                 if lp.tokens:
                     offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
-            choice = CompletionChoice(index=i, text=out.new_text, logprobs=lp, finish_reason=out.finish_reason)
             yield sse_event(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
                                                usage=self._running_usage(by_choice),
                                                system_fingerprint=self.system_fingerprint))
@@ -91,7 +110,8 @@ class OpenAIAnswer:
                 yield _error_event(out)
         if self.include_usage:
             yield sse_event(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[],
-                                               usage=usage(by_choice, self.n), system_fingerprint=self.system_fingerprint))
+                                               usage=self._completion_usage(by_choice),
+                                               system_fingerprint=self.system_fingerprint))
         yield SSE_DONE
 
     def chat(self, outputs: list[list[RequestOutput]]) -> ChatCompletionResponse:
@@ -146,6 +166,8 @@ class GenerateAnswer:
     token_strings: TokenStrings
     special_ids: frozenset[int]
     eos_ids: frozenset[int]
+    prompt_ids: list[int] | None = None            # decoder_input_details: details.prefill lists them
+    decode: Callable[[list[int]], str] | None = None  # a prefill token's text (TGI decodes each alone)
 
     def _token(self, token_id: int, text: str, logprob: float | None) -> Token:
         return Token(id=token_id, text=text, logprob=None if logprob is None else clamp_logprob(logprob),
@@ -174,8 +196,16 @@ class GenerateAnswer:
         pairs = [self._tokens(o) for o in outs if o.new_token_ids]
         details = Details(finish_reason=self.finish_reason(outs), generated_tokens=outs[-1].completion_tokens,
                           seed=self.seed, tokens=[t for t, _ in pairs],
-                          top_tokens=[top or [] for _, top in pairs] if self.top_n else None)
+                          top_tokens=[top or [] for _, top in pairs] if self.top_n else None,
+                          prefill=self._prefill(outs[0].prompt_logprobs))
         return GenerateResponse(generated_text=text, details=details)
+
+    def _prefill(self, entries: list | None) -> list[Token]:
+        """The prompt's tokens, each with its logprob (the first has none), as TGI's details.prefill."""
+        if self.prompt_ids is None or entries is None or self.decode is None:
+            return []
+        logprobs = [None] + [e.logprob for e in entries[1:]]
+        return [self._token(t, self.decode([t]), lp) for t, lp in zip(self.prompt_ids, logprobs)]
 
     async def stream(self, events: ChoiceEvents) -> AsyncIterator[bytes]:
         outs: list[RequestOutput] = []

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from model.sampling_params import SamplingParams
+from service.api.echo import Echo
 from service.api.errors import APIError
 from service.api.pipeline import Job, Pipeline
 from service.api.protocol_native import (
@@ -30,6 +31,7 @@ from service.api.responses import GenerateAnswer, OpenAIAnswer
 from service.api.sse import EventStream
 from service.api.state import TGI_PLACEHOLDER_MODELS
 from service.api.tgi_info import tgi_info
+from service.engine import RequestError
 
 
 def register_routes(app: FastAPI, pipe: Pipeline) -> None:
@@ -44,7 +46,8 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         return {"structured_output": param} if param else {}
 
     async def openai_answer(request: Request, job: Job, model: str | None, n: int, logprobs: bool,
-                            include_usage: bool, *, chat: bool, stream: bool, continuous_usage: bool = False) -> Response:
+                            include_usage: bool, *, chat: bool, stream: bool, continuous_usage: bool = False,
+                            echo: Echo | None = None) -> Response:
         """Run one OpenAI call's engine requests; answer as one JSON body or as SSE."""
         model_id = state.model_ids()[0] if model is None or model in TGI_PLACEHOLDER_MODELS else model
         created = int(time.time())
@@ -53,7 +56,8 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
             return OpenAIAnswer(id=rid, created=created, model=model_id, n=n, logprobs=logprobs,
                                 include_usage=include_usage, token_strings=token_strings,
                                 token_bytes=tokenizer.token_bytes if chat else None,
-                                system_fingerprint=state.system_fingerprint, continuous_usage=continuous_usage)
+                                system_fingerprint=state.system_fingerprint, continuous_usage=continuous_usage,
+                                echo=echo)
 
         if not stream:
             outputs, rid = await pipe.complete(request, job)
@@ -110,8 +114,13 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         prompts = [await pipe.encode(p) for p in texts]
         job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl", names,
                   pipe.cache_salt(request, body.cache_salt))
+        echo = None
+        if body.echo or body.prompt_logprobs is not None:
+            shown = [t if isinstance(t, str) else await pipe.decode(t) for t in texts]
+            echo = Echo([t for t in shown for _ in choices], job.prompts, body.echo, body.logprobs, body.prompt_logprobs,
+                        body.prompt_only, token_strings, tokenizer.decode)
         return await openai_answer(request, job, body.model, body.n, body.logprobs is not None, body.include_usage,
-                                   chat=False, stream=body.stream, continuous_usage=body.continuous_usage)
+                                   chat=False, stream=body.stream, continuous_usage=body.continuous_usage, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -139,8 +148,12 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         variant, engine = pipe.route(body.model)
         p = body.parameters
         names = GENERATE_NAMES | {"prompt": "inputs", "structured_output": "parameters.grammar.value"}
+        streaming = body.stream if stream is None else stream
         with pipe.refusals(variant, names):
             params: SamplingParams = body.to_sampling_params()
+            if p.decoder_input_details and streaming:  # as TGI answers it
+                raise RequestError("parameters.decoder_input_details=true is not supported when streaming tokens",
+                                   "parameters.decoder_input_details")
         pipe.limit_prompt(variant, [body.inputs], "inputs")
         ids = await pipe.encode(body.inputs)
         if p.truncate is not None and len(ids) > p.truncate:
@@ -149,8 +162,9 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         answer = GenerateAnswer(prefix=body.inputs if p.return_full_text else "", details=p.details, seed=p.seed,
                                 top_n=p.top_n_tokens or 0, input_length=len(ids), token_strings=token_strings,
                                 special_ids=tokenizer.special_token_ids,
-                                eos_ids=tokenizer.eos_token_ids | frozenset(params.stop_token_ids))
-        if not (body.stream if stream is None else stream):
+                                eos_ids=tokenizer.eos_token_ids | frozenset(params.stop_token_ids),
+                                prompt_ids=ids if p.decoder_input_details else None, decode=tokenizer.decode)
+        if not streaming:
             outputs, _ = await pipe.complete(request, job)
             size = sum(len(out.new_token_ids) for out in outputs[0]) * (1 + (params.logprobs or 0))
 

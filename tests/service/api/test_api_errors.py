@@ -145,7 +145,8 @@ TGI_CASES = [
     ({"inputs": TOO_LONG_PROMPT}, "inputs", "too_long"),
     ({"inputs": "x", "parameters": {"best_of": 2}}, "parameters.best_of", "invalid"),
     ({"inputs": "x", "parameters": {"watermark": True}}, "parameters.watermark", "invalid"),
-    ({"inputs": "x", "parameters": {"decoder_input_details": True}}, "parameters.decoder_input_details", "invalid"),
+    ({"inputs": "x", "stream": True, "parameters": {"decoder_input_details": True}}, "parameters.decoder_input_details",
+     "invalid"),
     ({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "(["}}}, "parameters.grammar.value", "invalid"),
 ]
 
