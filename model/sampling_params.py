@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +15,8 @@ class StructuredOutput:
     kind: json (`value`: a JSON schema, as JSON text), json_object (any JSON object; `value` unused),
     regex (`value`: the pattern, matched in full), choice (`value`: a JSON list of the allowed
     strings) or grammar (`value`: an EBNF grammar with a `root` rule, GBNF-style as llama.cpp and
-    xgrammar read it). `strict` (json only): objects carry exactly the properties the schema names,
+    xgrammar read it) or structural_tag (`value`: an xgrammar structural tag as JSON text: tool
+    calls). `strict` (json only): objects carry exactly the properties the schema names,
     as OpenAI's strict mode; otherwise JSON Schema's own rule (additionalProperties) applies.
     Equal specs compile once (the compiled grammar is cached by this value).
     """

@@ -23,6 +23,7 @@ _VARIANT = re.compile(r"native|mha|mqa|gqa-[0-9]+")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_FORMATS = ("text", "json")
+TOOL_CALL_FORMATS = ("hermes", "llama3_json")  # service.api.tool_calls.FORMATS (not imported here: start-up stays light)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,6 +140,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model name clients send and see (ids are NAME:variant); default: from --model")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file replacing the checkpoint's")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_FORMATS, default="hermes",
+                   help="how tool calls are written in the model's text and parsed out of it: hermes "
+                        "(<tool_call>{json}</tool_call>) or llama3_json ({\"name\", \"parameters\"})")
     p.add_argument("--allowed-origins", type=_origins, default=(),
                    help="comma list of origins browsers may call the API from (CORS), or '*'; default: none (CORS off)")
     p.add_argument("--reject-unknown-fields", action="store_true", default=False,
@@ -239,7 +243,8 @@ def serve_options(args: argparse.Namespace):
         api_key=args.api_key or None, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level, threads=args.threads, log_stats_interval=args.log_stats_interval,
         served_model_name=args.served_model_name, chat_template=args.chat_template,
-        allowed_origins=tuple(args.allowed_origins), reject_unknown_fields=args.reject_unknown_fields)
+        allowed_origins=tuple(args.allowed_origins), reject_unknown_fields=args.reject_unknown_fields,
+        tool_call_parser=args.tool_call_parser)
 
 
 def build_parser(environ=None) -> argparse.ArgumentParser:

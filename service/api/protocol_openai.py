@@ -9,11 +9,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, field_validator, model_serializer
 
-from model.sampling_params import SamplingParams
+from model.sampling_params import SamplingParams, StructuredOutput
 from service.api.limits import MAX_CHOICES, MAX_N, check_cache_salt, check_choices, check_seed
 from service.api.protocol import RequestBody, sampling_params
 from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs, PromptLogprob
 from service.api.protocol_structured import StructuredFields
+from service.api.protocol_tools import ToolCall, ToolCallDelta, ToolCallIn, ToolFields
 from service.engine.errors import RequestError
 
 __all__ = ["MAX_CHOICES", "MAX_N"]  # the limits, where the bodies that obey them live
@@ -84,9 +85,13 @@ class _SamplingFields(StructuredFields):
         return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
     def _params(self, max_tokens: int, logprobs: int | None, names: dict[str, str], seed_offset: int,
-                prompt_logprobs: int | None = None) -> SamplingParams:
+                prompt_logprobs: int | None = None, structured: StructuredOutput | None = None) -> SamplingParams:
         check_seed(self.seed, self.n)
-        structured, _ = self.structured_output()
+        asked, param = self.structured_output()
+        if structured is not None and asked is not None:
+            raise RequestError(f"{param} cannot be combined with tool_choice required or a named function (their "
+                               "grammar is the tool call's)", param)
+        structured = structured or asked
         return sampling_params(
             names, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -161,6 +166,8 @@ class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = None              # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -171,25 +178,27 @@ class ChatMessage(RequestBody):
                     raise ValueError(f"content part of type {part.type!r} is not supported: only text")
         return v
 
-    def as_template_message(self) -> dict[str, str]:
+    def as_template_message(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text or "" for part in content)
         # the templates of small open models know "system" only
-        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         if self.name is not None:  # the participant's name, for templates that show it (as vLLM passes it)
             message["name"] = self.name
+        if self.tool_calls:  # rendered by service.api.tool_calls.template_messages
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, ToolFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -201,20 +210,6 @@ class ChatCompletionRequest(_SamplingFields):
     def _not_empty(cls, v):
         if not v:
             raise ValueError("must hold at least one message")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported: no tool calling; omit tools (or send an empty list)")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v):
-        if v is not None and v not in ("none", "auto"):
-            raise ValueError(f"tool_choice={v!r} is not supported: only 'none' or 'auto' (there are no tools to call)")
         return v
 
     @field_validator("chat_template")
@@ -248,15 +243,16 @@ class ChatCompletionRequest(_SamplingFields):
                 raise RequestError("continue_final_message=true needs the last message to be the assistant's "
                                    f"(it is {self.messages[-1].role!r})", "continue_final_message")
 
-    def to_sampling_params(self, room: int, choice: int = 0) -> SamplingParams:
-        """`room`: tokens left in the context after the prompt, the default max_tokens as in OpenAI."""
+    def to_sampling_params(self, room: int, choice: int = 0, tool_grammar: StructuredOutput | None = None) -> SamplingParams:
+        """`room`: tokens left in the context after the prompt, the default max_tokens as in OpenAI;
+        `tool_grammar`: the grammar tool_choice asks for (service.api.tool_calls)."""
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._params(max(room, 1) if max_tokens is None else max_tokens, logprobs,
-                            {"max_tokens": name, "logprobs": "top_logprobs"}, choice)
+                            {"max_tokens": name, "logprobs": "top_logprobs"}, choice, structured=tool_grammar)
 
 
 # ---- responses ----
@@ -299,7 +295,15 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_when_made(self, handler):  # OpenAI sends tool_calls only when there are calls
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -322,6 +326,7 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):  # OpenAI sends {"content": "x"}, not {"role": null, ...}

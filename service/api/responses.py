@@ -26,6 +26,7 @@ from service.api.protocol_openai import (
     PromptTokensDetails,
     Usage,
 )
+from service.api.tool_stream import ToolAnswer
 from service.engine.outputs import RequestOutput
 
 TokenStrings = Callable[[list[int]], list[str]]
@@ -66,6 +67,7 @@ class OpenAIAnswer:
     system_fingerprint: str | None = None
     continuous_usage: bool = False       # usage so far on every chunk (vLLM's continuous_usage_stats)
     echo: Echo | None = None             # completions: the prompt shown before the completion
+    tools: ToolAnswer | None = None      # chat with tools: calls out of the text (service.api.tool_stream)
 
     def _completion_choice(self, i: int, outs: list[RequestOutput], first: RequestOutput | None) -> CompletionChoice:
         """Choice i of these outputs; `first`: the choice's first output, when `outs` include it."""
@@ -114,13 +116,19 @@ class OpenAIAnswer:
                                                system_fingerprint=self.system_fingerprint))
         yield SSE_DONE
 
+    def _message(self, outs: list[RequestOutput]) -> tuple[AssistantMessage, str | None]:
+        text, finish = "".join(o.new_text for o in outs), outs[-1].finish_reason
+        if self.tools is None:
+            return AssistantMessage(content=text), finish
+        content, calls = self.tools.message(text)
+        return AssistantMessage(content=content, tool_calls=calls), "tool_calls" if calls and finish == "stop" else finish
+
     def chat(self, outputs: list[list[RequestOutput]]) -> ChatCompletionResponse:
         choices = [ChatChoice(
-            index=i, message=AssistantMessage(content="".join(o.new_text for o in outs)),
-            finish_reason=outs[-1].finish_reason,
+            index=i, message=message, finish_reason=finish,
             logprobs=chat_logprobs(logprob_entries(outs), self.token_strings, self.token_bytes)
             if self.logprobs else None)
-            for i, outs in enumerate(outputs)]
+            for i, outs in enumerate(outputs) for message, finish in [self._message(outs)]]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=usage(outputs, self.n), system_fingerprint=self.system_fingerprint)
 
@@ -141,11 +149,26 @@ class OpenAIAnswer:
         by_choice: list[list[RequestOutput]] = [[] for _ in range(num_choices)]
         for i in range(num_choices):
             yield self._chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+        streams = [self.tools.stream() for _ in range(num_choices)] if self.tools is not None else None
         async for i, out in events:
             by_choice[i].append(out)
             lp = chat_logprobs(out.logprobs or [], self.token_strings, self.token_bytes) if self.logprobs else None
-            yield self._chunk([ChatChunkChoice(index=i, delta=Delta(content=out.new_text), logprobs=lp,
-                                               finish_reason=out.finish_reason)], self._running_usage(by_choice))
+            deltas, finish = [Delta(content=out.new_text)], out.finish_reason
+            if streams is not None:  # content as it is ruled out of calls, each call in its chunks, as OpenAI
+                content, calls = streams[i].push(out.new_text)
+                if out.finished:
+                    content += streams[i].finish()
+                deltas = [Delta(content=content)] if content else []
+                deltas += [Delta(tool_calls=[call]) for call in calls]
+                if finish == "stop" and streams[i].num_calls:
+                    finish = "tool_calls"
+                if not deltas and (lp is not None or finish is not None):
+                    deltas = [Delta()]
+            for k, delta in enumerate(deltas):
+                last = k == len(deltas) - 1
+                yield self._chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp if k == 0 else None,
+                                                   finish_reason=finish if last else None)],
+                                  self._running_usage(by_choice))
             if out.finish_reason == "error":
                 yield _error_event(out)
         if self.include_usage:

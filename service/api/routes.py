@@ -31,6 +31,8 @@ from service.api.responses import GenerateAnswer, OpenAIAnswer
 from service.api.sse import EventStream
 from service.api.state import TGI_PLACEHOLDER_MODELS
 from service.api.tgi_info import tgi_info
+from service.api.tool_calls import FORMATS, template_messages
+from service.api.tool_stream import ToolAnswer
 from service.engine import RequestError
 
 
@@ -47,7 +49,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
 
     async def openai_answer(request: Request, job: Job, model: str | None, n: int, logprobs: bool,
                             include_usage: bool, *, chat: bool, stream: bool, continuous_usage: bool = False,
-                            echo: Echo | None = None) -> Response:
+                            echo: Echo | None = None, tools: ToolAnswer | None = None) -> Response:
         """Run one OpenAI call's engine requests; answer as one JSON body or as SSE."""
         model_id = state.model_ids()[0] if model is None or model in TGI_PLACEHOLDER_MODELS else model
         created = int(time.time())
@@ -57,7 +59,7 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
                                 include_usage=include_usage, token_strings=token_strings,
                                 token_bytes=tokenizer.token_bytes if chat else None,
                                 system_fingerprint=state.system_fingerprint, continuous_usage=continuous_usage,
-                                echo=echo)
+                                echo=echo, tools=tools)
 
         if not stream:
             outputs, rid = await pipe.complete(request, job)
@@ -132,15 +134,24 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
             body.check_continuation()
             variables = body.template_variables()
             names |= structured_names(body)
-        ids = await pipe.chat_ids(variant, body.template_messages(), add_generation_prompt=body.add_generation_prompt,
-                                  continue_final_message=body.continue_final_message, variables=variables)
+            tools = body.tool_request()
+        fmt = FORMATS[state.tool_call_parser]
+        messages, tool_variables = template_messages(body.template_messages(), tools, fmt,
+                                                     native="tools" in (getattr(tokenizer, "chat_template", None) or ""))
+        ids = await pipe.chat_ids(variant, messages, add_generation_prompt=body.add_generation_prompt,
+                                  continue_final_message=body.continue_final_message, variables=variables | tool_variables)
         top = (body.top_logprobs or 0) if body.logprobs else 0
         room = pipe.state.limits.default_max_tokens(engine.max_model_len - len(ids), body.n, top)
+        grammar = fmt.structural_tag(tools) if tools is not None and tools.choice != "none" else None
+        if grammar is not None:
+            names["structured_output"] = "tools"
         with pipe.refusals(variant, names):
-            params = [body.to_sampling_params(room, c) for c in range(body.n)]
+            params = [body.to_sampling_params(room, c, grammar) for c in range(body.n)]
         job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names, pipe.cache_salt(request, body.cache_salt))
+        answer_tools = ToolAnswer(fmt, calls_only=tools.choice != "auto") if grammar is not None and tools else None
         return await openai_answer(request, job, body.model, body.n, body.logprobs, body.include_usage,
-                                   chat=True, stream=body.stream, continuous_usage=body.continuous_usage)
+                                   chat=True, stream=body.stream, continuous_usage=body.continuous_usage,
+                                   tools=answer_tools)
 
     async def tgi_generate(request: Request, *, stream: bool | None, as_list: bool = False) -> Response:
         """TGI's generation: `stream` fixed by the route, or None to follow the body's `stream`."""

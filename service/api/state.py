@@ -31,6 +31,7 @@ class ServerState:
     draining: bool = False
     reject_unknown_fields: bool = False   # unknown body fields: 400 instead of a log line
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*" = any); none = off
+    tool_call_parser: str = "hermes"     # how tool calls are written in the text (service.api.tool_calls)
     sse_keep_alive_s: float = SSE_KEEP_ALIVE_S  # a stream silent this long gets a ": keep-alive" comment
     created: int = field(default_factory=lambda: int(time.time()))
 

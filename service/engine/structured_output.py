@@ -178,10 +178,12 @@ class GrammarCompiler:
                 if not choices or not all(isinstance(c, str) and c for c in choices):
                     raise ValueError("choice needs at least one option, each a non-empty string")
                 return compiler.compile_grammar(choice_grammar(choices))
+            if spec.kind == "structural_tag":
+                return compiler.compile_structural_tag(spec.value)
             return compiler.compile_grammar(spec.value)
         except (ValueError, RuntimeError) as exc:
             what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
-                    "grammar": "grammar"}[spec.kind]
+                    "grammar": "grammar", "structural_tag": "tool-call grammar"}[spec.kind]
             message = _clean(exc)
             raise RequestError(message if message.startswith("invalid") else f"invalid {what}: {message}",
                                "structured_output") from None
