@@ -260,6 +260,8 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     sub.add_parser("convert", help="distil a variant with fewer K/V heads into a new checkpoint: "
                    "kvserve convert --help", add_help=False)
     sub.add_parser("bench", help="load tests and benchmarks: kvserve bench --help", add_help=False)
+    sub.add_parser("tokenizer", help="write the model's tokenizer files to a folder (for guidellm, lm-eval): "
+                   "kvserve tokenizer --help", add_help=False)
     return parser
 
 
@@ -273,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         parser = _Parser(prog="kvserve generate", description="generate from one prompt without the server")
         add_generate_args(parser)
         return run_generate(parser.parse_args(argv[1:])) or 0
+    if argv[:1] == ["tokenizer"]:
+        from service.tokenizer_files import add_tokenizer_args, run_tokenizer
+        parser = _Parser(prog="kvserve tokenizer", description="write the model's tokenizer files to a folder")
+        add_tokenizer_args(parser)
+        return run_tokenizer(parser.parse_args(argv[1:]))
     if argv[:1] == ["convert"]:
         from model.convert.cli import add_convert_args, run_convert
         parser = _Parser(prog="kvserve convert", description="distil a GQA/MQA variant of a checkpoint from it")

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import torch
 
+from service.cli import main
 from tests.service.live_server import REPO, LiveServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -58,13 +59,14 @@ def hf_scores(hf_model, hf_tok, docs: list[dict]) -> list[list[float]]:
     return scores
 
 
-def test_lm_eval_local_completions_matches_transformers(server, hf_smollm2, tmp_path, monkeypatch):
+def test_lm_eval_local_completions_matches_transformers(server, hf_smollm2, smollm2_gguf_path, tmp_path, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
     hf_model, hf_tok = hf_smollm2
-    tokenizer_dir = tmp_path / "tokenizer"
-    hf_tok.save_pretrained(tokenizer_dir)
+    server_model = smollm2_gguf_path
+    tokenizer_dir = tmp_path / "tokenizer"  # the served model's tokenizer, as the README tells users to write it
+    assert main(["tokenizer", "--model", str(server_model), "--output", str(tokenizer_dir)]) == 0
     monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
