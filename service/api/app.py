@@ -25,6 +25,7 @@ from service.api.pipeline import Pipeline
 from service.api.protocol import error_body
 from service.api.protocol_native import TGIError
 from service.api.routes import register_routes
+from service.api.routes_responses import register_responses_routes
 from service.api.state import ServerState
 from service.api.ui import add_ui_routes
 
@@ -78,6 +79,8 @@ def create_app(state: ServerState) -> FastAPI:
         return _error_response(500, f"internal server error: {type(exc).__name__}", "internal_error",
                                headers={"X-Request-Id": rid} if rid else None)
 
-    register_routes(app, Pipeline(state))
+    pipe = Pipeline(state)
+    register_routes(app, pipe)
+    register_responses_routes(app, pipe)
     add_ui_routes(app, state)  # the web page at / and its /stats
     return app

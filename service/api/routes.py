@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from model.sampling_params import SamplingParams
+from service.api.chat_job import chat_job
 from service.api.echo import Echo
 from service.api.errors import APIError
 from service.api.pipeline import Job, Pipeline
@@ -31,7 +32,6 @@ from service.api.responses import GenerateAnswer, OpenAIAnswer
 from service.api.sse import EventStream
 from service.api.state import TGI_PLACEHOLDER_MODELS
 from service.api.tgi_info import tgi_info
-from service.api.tool_calls import FORMATS, template_messages
 from service.api.tool_stream import ToolAnswer
 from service.engine import RequestError
 
@@ -127,31 +127,12 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await pipe.read(request, ChatCompletionRequest)
-        variant, engine = pipe.route(body.model)
         names = {"prompt": "messages", "logprobs": "top_logprobs",
                  "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"}
-        with pipe.refusals(variant, names):
-            body.check_continuation()
-            variables = body.template_variables()
-            names |= structured_names(body)
-            tools = body.tool_request()
-        fmt = FORMATS[state.tool_call_parser]
-        messages, tool_variables = template_messages(body.template_messages(), tools, fmt,
-                                                     native="tools" in (getattr(tokenizer, "chat_template", None) or ""))
-        ids = await pipe.chat_ids(variant, messages, add_generation_prompt=body.add_generation_prompt,
-                                  continue_final_message=body.continue_final_message, variables=variables | tool_variables)
-        top = (body.top_logprobs or 0) if body.logprobs else 0
-        room = pipe.state.limits.default_max_tokens(engine.max_model_len - len(ids), body.n, top)
-        grammar = fmt.structural_tag(tools) if tools is not None and tools.choice != "none" else None
-        if grammar is not None:
-            names["structured_output"] = "tools"
-        with pipe.refusals(variant, names):
-            params = [body.to_sampling_params(room, c, grammar) for c in range(body.n)]
-        job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names, pipe.cache_salt(request, body.cache_salt))
-        answer_tools = ToolAnswer(fmt, calls_only=tools.choice != "auto") if grammar is not None and tools else None
-        return await openai_answer(request, job, body.model, body.n, body.logprobs, body.include_usage,
+        work = await chat_job(pipe, request, body, names)
+        return await openai_answer(request, work.job, body.model, body.n, body.logprobs, body.include_usage,
                                    chat=True, stream=body.stream, continuous_usage=body.continuous_usage,
-                                   tools=answer_tools)
+                                   tools=work.tools)
 
     async def tgi_generate(request: Request, *, stream: bool | None, as_list: bool = False) -> Response:
         """TGI's generation: `stream` fixed by the route, or None to follow the body's `stream`."""
