@@ -14,6 +14,8 @@ still parses the output. The grammar (xgrammar's structural tags, service.engine
 enforces the choice: `required` / a named function: only calls, each `{"name": one declared name,
 "arguments": JSON matching its parameters}`; `auto`: free text, constrained from the moment a call
 begins; `parallel_tool_calls: false` allows one call. `none` adds no grammar and parses nothing.
+Arguments never carry properties their schema does not name (xgrammar's JSON is its strict mode),
+so a function's `strict: true` holds, and holds without it too.
 No FastAPI here.
 """
 from __future__ import annotations

@@ -129,3 +129,18 @@ def test_the_grammar_takes_valid_calls_and_refuses_the_rest(tiny, name, choice, 
     weather = fmt.call_text("get_weather", {"city": "Oslo"})
     assert accepts(weather) is (choice != "add")
     compiler.close()
+
+
+def test_arguments_never_take_properties_the_schema_does_not_name(tiny):
+    """OpenAI's `strict` holds whether it is sent or not (the grammar's JSON is xgrammar's strict mode)."""
+    from service.engine.structured_output import GrammarCompiler
+
+    fmt, (_, tok) = FORMATS["hermes"], tiny
+    compiler = GrammarCompiler(tok, tok.vocab_size)
+    for strict in (None, False, True):
+        tool = {"type": "function", "function": {**ADD["function"], **({} if strict is None else {"strict": strict})}}
+        spec = fmt.structural_tag(ToolFields.model_validate({"tools": [tool], "tool_choice": "required"}).tool_request())
+        matcher = compiler.new_matcher(compiler.compile(spec), spec)
+        text = fmt.call_text("add", {"a": 1, "b": 2, "c": 3})
+        assert not all(matcher.accept_token(t) for t in tok.encode(text, add_special_tokens=False))
+    compiler.close()
