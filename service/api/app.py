@@ -54,8 +54,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def _api_error(request: Request, exc: APIError) -> Response:
         if exc.reason:
             state.metrics.rejected(exc.variant or state.default_variant, exc.reason)
-        if request.method == "POST" and request.url.path in TGI_ROUTES:
-            body = TGIError(error=exc.message, error_type=_tgi_error_type(exc.status)).model_dump()
+        if request.method == "POST" and request.url.path in TGI_ROUTES:  # TGI's messages start with the field
+            message = exc.message if exc.param is None or exc.message.startswith(exc.param) else f"{exc.param}: {exc.message}"
+            body = TGIError(error=message, error_type=_tgi_error_type(exc.status)).model_dump()
             return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 

@@ -150,7 +150,7 @@ class CompletionRequest(_SamplingFields):
         if self.max_tokens == 0 and not self.echo:
             raise RequestError("max_tokens=0 is out of range: it must be >= 1 (0 only with echo=true)", "max_tokens")
         # prompt only: the engine samples one token, which the answer leaves out
-        max_tokens = 16 if self.max_tokens is None else max(self.max_tokens, 1)
+        max_tokens = 16 if self.max_tokens is None else 1 if self.prompt_only else self.max_tokens
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
         if self.prompt_logprobs is not None:
             prompt_logprobs = max(self.prompt_logprobs, prompt_logprobs or 0)

@@ -154,8 +154,8 @@ class Engine:
             raise ContextLengthError(f"{_too_long(limit)} However, you requested {prompt_len + params.max_tokens} "
                                      f"tokens ({prompt_len} in the prompt, {params.max_tokens} in the completion): "
                                      f"max_tokens={params.max_tokens} is too large, it must be in "
-                                     f"[1, {limit - prompt_len}]. Please reduce the length of the prompt or "
-                                     "completion.", "max_tokens")
+                                     f"[1, {limit - prompt_len}] (max_model_len {limit}). Please reduce the length "
+                                     "of the prompt or completion.", "max_tokens")
         bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"stop_token_ids contains {bad}: token ids must be in [0, {vocab - 1}]",
