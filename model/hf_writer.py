@@ -48,6 +48,24 @@ def tokenizer_config(tokenizer: HFTokenizer, max_len: int) -> dict:
     return out
 
 
+def save_tokenizer_files(tokenizer: HFTokenizer, cfg: ModelConfig, path: str | Path) -> list[str]:
+    """Only the tokenizer of a checkpoint, as client tools read it from a folder (transformers'
+    AutoTokenizer, guidellm, lm-evaluation-harness): tokenizer.json, tokenizer_config.json (special
+    tokens, chat template), config.json and generation_config.json. `path` may exist; returns the
+    names written."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    files = {
+        "config.json": hf_config(cfg, tokenizer, torch.bfloat16),
+        "tokenizer_config.json": tokenizer_config(tokenizer, cfg.max_seq_len),
+        "generation_config.json": {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": sorted(tokenizer.eos_token_ids)},
+    }
+    for name, content in files.items():
+        (path / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    (path / "tokenizer.json").write_text(tokenizer.backend.to_str(pretty=True), encoding="utf-8")
+    return ["tokenizer.json", *files]
+
+
 def save_hf_checkpoint(model: Transformer, tokenizer: HFTokenizer, path: str | Path, *, base_config: dict | None = None,
                        extra_files: dict[str, str] | None = None) -> None:
     """Write `model` and `tokenizer` into the new directory `path` (it must not exist).

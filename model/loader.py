@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from model.attention import resolve_attention
-from model.config import PRESETS
+from model.config import PRESETS, ModelConfig
 from model.dtypes import parse_dtype
 from model.gguf_loader import GGUFCheckpoint, open_gguf
 from model.hf_loader import open_hf
@@ -77,6 +77,14 @@ def _load(source: str | Path, variant: str, dtype, device, attention: str, quant
     model = build_transformer(cfg, weights, attention=attention, dtype=dtype, device=device,
                               quantization=quantization, crossover=crossover)
     return model, tokenizer
+
+
+def load_tokenizer(source: str | Path) -> tuple[HFTokenizer, ModelConfig]:
+    """The checkpoint's tokenizer and config, without its weights (what `kvserve tokenizer` writes)."""
+    if str(source) == "tiny":
+        return byte_tokenizer(), PRESETS["tiny"]
+    checkpoint = _open(source)
+    return checkpoint.tokenizer(), checkpoint.config
 
 
 def load_base(source: str | Path, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",

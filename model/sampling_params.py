@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +15,8 @@ class StructuredOutput:
     kind: json (`value`: a JSON schema, as JSON text), json_object (any JSON object; `value` unused),
     regex (`value`: the pattern, matched in full), choice (`value`: a JSON list of the allowed
     strings) or grammar (`value`: an EBNF grammar with a `root` rule, GBNF-style as llama.cpp and
-    xgrammar read it). `strict` (json only): objects carry exactly the properties the schema names,
+    xgrammar read it) or structural_tag (`value`: an xgrammar structural tag as JSON text: tool
+    calls). `strict` (json only): objects carry exactly the properties the schema names,
     as OpenAI's strict mode; otherwise JSON Schema's own rule (additionalProperties) applies.
     Equal specs compile once (the compiled grammar is cached by this value).
     """
@@ -51,6 +52,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None       # top-k logprobs of each chosen token, 0..20
+    prompt_logprobs: int | None = None  # logprob of each prompt token (the first has none) and its top-k, 0..20
     min_tokens: int = 0               # the first min_tokens generated tokens never end the request
     structured_output: StructuredOutput | None = None
     extra: dict = field(default_factory=dict, compare=False)
@@ -66,6 +68,7 @@ class SamplingParams:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "in [0, 20]"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -81,3 +84,4 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+    rank: int | None = None   # prompt logprobs: 1 + the number of tokens likelier than this one

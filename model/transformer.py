@@ -174,6 +174,15 @@ class Transformer(nn.Module):
         """
         if kv_cache is None:
             return self._forward_dense(input_ids)
+        h = self.hidden_paged(input_ids, kv_cache, meta, attention)
+        if logits_indices is not None:
+            h = h[logits_indices]
+        return self._logits(h)
+
+    def hidden_paged(self, input_ids: Tensor, kv_cache: KVCache, meta: PagedMetadata | None,
+                     attention: str | None = None) -> Tensor:
+        """The paged forward up to the last layer's output, (N, dim): `logits(h[rows])` gives any
+        rows' logits, each set of rows its own LM-head call (so its kernel depends on its own rows)."""
         if meta is None:
             raise ValueError("a paged forward needs its PagedMetadata")
         attention = attention or self.attention
@@ -182,8 +191,10 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.blocks):
             h += layer.attention.forward_paged(layer.attention_norm(h), plan, attention, kv_cache.k[i], kv_cache.v[i])
             h += layer.feed_forward(layer.ffn_norm(h))
-        if logits_indices is not None:
-            h = h[logits_indices]
+        return h
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Logits of hidden states from `hidden_paged` (final norm, LM head)."""
         return self._logits(h)
 
     def _forward_dense(self, input_ids: Tensor) -> Tensor:

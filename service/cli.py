@@ -23,6 +23,7 @@ _VARIANT = re.compile(r"native|mha|mqa|gqa-[0-9]+")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_FORMATS = ("text", "json")
+TOOL_CALL_FORMATS = ("hermes", "llama3_json")  # service.api.tool_calls.FORMATS (not imported here: start-up stays light)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,6 +150,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model name clients send and see (ids are NAME:variant); default: from --model")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file replacing the checkpoint's")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_FORMATS, default="hermes",
+                   help="how tool calls are written in the model's text and parsed out of it: hermes "
+                        "(<tool_call>{json}</tool_call>) or llama3_json ({\"name\", \"parameters\"})")
     p.add_argument("--allowed-origins", type=_origins, default=(),
                    help="comma list of origins browsers may call the API from (CORS), or '*'; default: none (CORS off)")
     p.add_argument("--reject-unknown-fields", action="store_true", default=False,
@@ -250,7 +254,8 @@ def serve_options(args: argparse.Namespace):
         api_key=args.api_key or None, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level, threads=args.threads, log_stats_interval=args.log_stats_interval,
         served_model_name=args.served_model_name, chat_template=args.chat_template,
-        allowed_origins=tuple(args.allowed_origins), reject_unknown_fields=args.reject_unknown_fields)
+        allowed_origins=tuple(args.allowed_origins), reject_unknown_fields=args.reject_unknown_fields,
+        tool_call_parser=args.tool_call_parser)
 
 
 def build_parser(environ=None) -> argparse.ArgumentParser:
@@ -266,6 +271,8 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     sub.add_parser("convert", help="distil a variant with fewer K/V heads into a new checkpoint: "
                    "kvserve convert --help", add_help=False)
     sub.add_parser("bench", help="load tests and benchmarks: kvserve bench --help", add_help=False)
+    sub.add_parser("tokenizer", help="write the model's tokenizer files to a folder (for guidellm, lm-eval): "
+                   "kvserve tokenizer --help", add_help=False)
     return parser
 
 
@@ -279,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         parser = _Parser(prog="kvserve generate", description="generate from one prompt without the server")
         add_generate_args(parser)
         return run_generate(parser.parse_args(argv[1:])) or 0
+    if argv[:1] == ["tokenizer"]:
+        from service.tokenizer_files import add_tokenizer_args, run_tokenizer
+        parser = _Parser(prog="kvserve tokenizer", description="write the model's tokenizer files to a folder")
+        add_tokenizer_args(parser)
+        return run_tokenizer(parser.parse_args(argv[1:]))
     if argv[:1] == ["convert"]:
         from model.convert.cli import add_convert_args, run_convert
         parser = _Parser(prog="kvserve convert", description="distil a GQA/MQA variant of a checkpoint from it")

@@ -210,6 +210,16 @@ class ServerMetrics:
         is asked too: a stopped engine's last snapshot may predate its stop."""
         self._stats.engines[variant] = (stats, alive, {k: str(val) for k, val in info.items()})
 
+    def latency_buckets(self, variant: str) -> dict[str, list[list[float | None]]]:
+        """TTFT and ITL of `variant` as cumulative [upper bound (None: +Inf), count] pairs, as scraped:
+        the web page draws their quantiles over time from these, as histogram_quantile would."""
+        out: dict[str, list[list[float | None]]] = {}
+        for key, histogram in (("ttft", self.ttft), ("itl", self.itl)):
+            out[key] = [[None if s.labels["le"] == "+Inf" else float(s.labels["le"]), s.value]
+                        for family in histogram.collect() for s in family.samples
+                        if s.name.endswith("_bucket") and s.labels.get("variant") == variant]
+        return out
+
     def rejected(self, variant: str, reason: str) -> None:
         self.requests_rejected.labels(self.model_name, variant, reason).inc()
 

@@ -57,6 +57,7 @@ class ServeOptions:
     chat_template: str | None = None       # a template file replacing the checkpoint's
     allowed_origins: tuple[str, ...] = ()  # CORS; empty = off
     reject_unknown_fields: bool = False
+    tool_call_parser: str = "hermes"       # service.api.tool_calls.FORMATS
 
 
 def served_model_name(source: str) -> str:
@@ -114,7 +115,8 @@ def build_state(opts: ServeOptions) -> ServerState:
         log.info(footprint_line(engine))
     return ServerState(model_name=name, engines=engines, tokenizer=tokenizer, metrics=metrics, api_key=opts.api_key,
                        allowed_origins=opts.allowed_origins, reject_unknown_fields=opts.reject_unknown_fields,
-                       limits=opts.limits, prefix_cache_scope=opts.prefix_cache_scope, read_timeout=opts.read_timeout)
+                       limits=opts.limits, prefix_cache_scope=opts.prefix_cache_scope, read_timeout=opts.read_timeout,
+                       tool_call_parser=opts.tool_call_parser)
 
 
 def _liveness(engine: Engine) -> Callable[[], bool]:

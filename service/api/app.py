@@ -27,6 +27,7 @@ from service.api.pipeline import Pipeline
 from service.api.protocol import error_body
 from service.api.protocol_native import TGIError
 from service.api.routes import register_routes
+from service.api.routes_responses import register_responses_routes
 from service.api.state import ServerState
 from service.api.ui import add_ui_routes
 
@@ -58,8 +59,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def _api_error(request: Request, exc: APIError) -> Response:
         if exc.reason:
             state.metrics.rejected(exc.variant or state.default_variant, exc.reason)
-        if request.method == "POST" and request.url.path in TGI_ROUTES:
-            body = TGIError(error=exc.message, error_type=_tgi_error_type(exc.status)).model_dump()
+        if request.method == "POST" and request.url.path in TGI_ROUTES:  # TGI's messages start with the field
+            message = exc.message if exc.param is None or exc.message.startswith(exc.param) else f"{exc.param}: {exc.message}"
+            body = TGIError(error=message, error_type=_tgi_error_type(exc.status)).model_dump()
             return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
@@ -83,6 +85,8 @@ def create_app(state: ServerState) -> FastAPI:
         return _error_response(500, f"internal server error: {type(exc).__name__}", "internal_error",
                                headers={"X-Request-Id": rid} if rid else None)
 
-    register_routes(app, Pipeline(state))
+    pipe = Pipeline(state)
+    register_routes(app, pipe)
+    register_responses_routes(app, pipe)
     add_ui_routes(app, state)  # the web page at / and its /stats
     return app

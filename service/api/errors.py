@@ -33,8 +33,10 @@ def unavailable(message: str, code: str, reason: str | None, variant: str | None
 def bad_request(exc: RequestError, variant: str, names: Mapping[str, str]) -> APIError:
     """400 for what the engine or SamplingParams refused, under the field's name in this endpoint."""
     param = names.get(exc.param, exc.param) if exc.param is not None else None
-    message = str(exc) if param == exc.param else f"{param}: {exc}"
     too_long = isinstance(exc, ContextLengthError)
+    message = str(exc) if param == exc.param else f"{param}: {exc}"
+    if too_long:  # starts as OpenAI's does, and names its code in the text too: clients match on either
+        message = f"{exc} (param: {param}; code: context_length_exceeded)"
     return APIError(400, message, param=param, code="context_length_exceeded" if too_long else None,
                     reason="too_long" if too_long else "invalid", variant=variant)
 

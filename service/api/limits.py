@@ -94,6 +94,7 @@ FIELDS: dict[str, Range] = {
     "presence_penalty": Range(-2, 2),
     "frequency_penalty": Range(-2, 2),
     "logprobs": Range(0, MAX_LOGPROBS, integer=True),
+    "prompt_logprobs": Range(0, MAX_LOGPROBS, integer=True),
     "seed": Range(SEED_MIN, SEED_MAX, integer=True),
 }
 
@@ -221,7 +222,8 @@ def table(limits: Limits | None = None) -> list[tuple[str, str, str]]:
         ("messages", f"1 to {limits.max_messages:,}", "--max-messages"),
         ("prompt (completions)", f"prompts x n <= {MAX_CHOICES}", "fixed"),
         ("n", f"in [1, {MAX_N}]", "fixed"),
-        ("max_tokens / max_completion_tokens / max_new_tokens", ">= 1; prompt + max_tokens <= max_model_len", "--max-model-len"),
+        ("max_tokens / max_completion_tokens / max_new_tokens", ">= 1 (0 with echo); prompt + max_tokens <= max_model_len",
+         "--max-model-len"),
         ("response budget", f"completions x max_tokens x (1 + logprobs) <= {limits.max_response_tokens:,}",
          "--max-response-tokens"),
         ("stop", f"<= {limits.max_stop} strings of 1 to {limits.max_stop_chars} characters",
@@ -238,7 +240,8 @@ def table(limits: Limits | None = None) -> list[tuple[str, str, str]]:
          f"{compile_budget.grammar_compile_memory >> 20} MiB per spec, {compile_budget.grammar_compile_workers} at "
          "once (400 / 503 beyond)", "--grammar-compile-timeout, --grammar-compile-memory, --grammar-compile-workers"),
     ]
-    shown_as = {"logprobs": "logprobs / top_logprobs (chat) / top_n_tokens (/generate)"}
+    shown_as = {"logprobs": "logprobs / top_logprobs (chat) / top_n_tokens (/generate)",
+                "prompt_logprobs": "prompt_logprobs (and logprobs with echo)"}
     for field, rule in FIELDS.items():
         if field == "max_tokens":
             continue

@@ -12,9 +12,16 @@ MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI reports impossible tokens like
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float | None] = []
-    top_logprobs: list[dict[str, float]] | None = []
+    token_logprobs: list[float | None] = []   # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None = []
     text_offset: list[int] = []
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry: one per token id (the prompt's token and the top-k)."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
 
 
 class TopLogprob(BaseModel):
@@ -42,7 +49,7 @@ def completion_logprobs(entries, token_strings, start_offset: int = 0) -> Comple
     for name in names:
         offsets.append(pos)
         pos += len(name)
-    tops = []
+    tops: list[dict[str, float] | None] = []
     for e in entries:
         top_names = token_strings([t for t, _ in e.top])
         tops.append({n: clamp_logprob(lp) for n, (_, lp) in zip(top_names, e.top)})

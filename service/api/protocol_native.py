@@ -3,8 +3,9 @@
 
 TGI's request is `{"inputs": text, "parameters": {...}, "stream": bool}`: greedy unless sampling is
 asked for (do_sample, or any of temperature / top_k / top_p), `grammar` ({type: json | json_schema
-| regex, value}) constrains the output; best_of > 1, watermark, typical_p, adapter_id and
-decoder_input_details are refused (400 naming them). kvserve adds a few knobs TGI lacks (min_p,
+| regex, value}) constrains the output; `decoder_input_details` fills details.prefill with the
+prompt's tokens and logprobs (not when streaming, as in TGI); best_of > 1, watermark, typical_p and
+adapter_id are refused (400 naming them). kvserve adds a few knobs TGI lacks (min_p,
 presence_penalty, min_tokens, stop_token_ids, ignore_eos) and `model` for a variant; errors name
 fields as `parameters.<name>`. Responses follow TGI exactly, so `huggingface_hub`'s
 InferenceClient.text_generation reads them. No FastAPI here.
@@ -68,7 +69,6 @@ class GenerateParameters(RequestBody):
             ("watermark", self.watermark, "only false"),
             ("typical_p", self.typical_p not in (None, 1.0), "only 1.0 (typical sampling is not implemented)"),
             ("adapter_id", self.adapter_id is not None, "none (no LoRA adapters are loaded)"),
-            ("decoder_input_details", self.decoder_input_details, "only false (prompt logprobs are not computed)"),
         ]
         for name, bad, allowed in refused:
             if bad:
@@ -116,6 +116,7 @@ class GenerateRequest(RequestBody):
             stop=tuple(p.stop or ()), stop_token_ids=tuple(p.stop_token_ids or ()), ignore_eos=p.ignore_eos,
             logprobs=p.top_n_tokens or 0,  # every TGI token carries its logprob
             min_tokens=p.min_tokens, structured_output=p.structured_output(),
+            prompt_logprobs=0 if p.decoder_input_details else None,  # details.prefill
         )
 
 

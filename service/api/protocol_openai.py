@@ -9,12 +9,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, field_validator, model_serializer
 
-from model.sampling_params import SamplingParams
+from model.sampling_params import SamplingParams, StructuredOutput
 from service.api.limits import MAX_CHOICES, MAX_N, check_cache_salt, check_choices, check_seed
 from service.api.protocol import RequestBody, sampling_params
-from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs
+from service.api.protocol_logprobs import ChatLogprobs, CompletionLogprobs, PromptLogprob
 from service.api.protocol_sglang import RouterFields
 from service.api.protocol_structured import StructuredFields
+from service.api.protocol_tools import ToolCall, ToolCallDelta, ToolCallIn, ToolFields
 from service.engine.errors import RequestError
 
 __all__ = ["MAX_CHOICES", "MAX_N"]  # the limits, where the bodies that obey them live
@@ -85,10 +86,15 @@ class _SamplingFields(StructuredFields, RouterFields):
     def continuous_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
-    def _params(self, max_tokens: int, logprobs: int | None, names: dict[str, str], seed_offset: int) -> SamplingParams:
+    def _params(self, max_tokens: int, logprobs: int | None, names: dict[str, str], seed_offset: int,
+                prompt_logprobs: int | None = None, structured: StructuredOutput | None = None) -> SamplingParams:
         check_seed(self.seed, self.n)
         self.check_router_fields()
-        structured, _ = self.structured_output()
+        asked, param = self.structured_output()
+        if structured is not None and asked is not None:
+            raise RequestError(f"{param} cannot be combined with tool_choice required or a named function (their "
+                               "grammar is the tool call's)", param)
+        structured = structured or asked
         return sampling_params(
             names, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -97,6 +103,7 @@ class _SamplingFields(StructuredFields, RouterFields):
             seed=None if self.seed is None else self.seed + seed_offset,
             stop=_stop_tuple(self.stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, min_tokens=self.min_tokens, structured_output=structured,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -104,7 +111,8 @@ class CompletionRequest(_SamplingFields):
     prompt: Any
     max_tokens: int | None = None
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False                  # the prompt before the completion (with logprobs: the prompt's too)
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and its top-k, beside the choice
     best_of: int | None = None
     suffix: str | None = None
 
@@ -120,13 +128,17 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("must be a non-empty string, list of strings, list of token ids or list of token-id lists")
         return v
 
-    @field_validator("echo", "suffix")
+    @field_validator("suffix")
     @classmethod
-    def _unsupported(cls, v, info):
+    def _unsupported(cls, v):
         if v:
-            allowed = "false" if info.field_name == "echo" else "null or an empty string"
-            raise ValueError(f"{info.field_name} is not supported: only {allowed}")
+            raise ValueError("suffix is not supported: only null or an empty string")
         return v
+
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt (and its logprobs) alone, nothing generated."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt as text or token ids (RequestError past MAX_CHOICES engine requests)."""
@@ -138,7 +150,14 @@ class CompletionRequest(_SamplingFields):
     def to_sampling_params(self, choice: int = 0) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError(f"best_of={self.best_of} is not supported: only best_of == n", "best_of")
-        return self._params(16 if self.max_tokens is None else self.max_tokens, self.logprobs, {}, choice)
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens=0 is out of range: it must be >= 1 (0 only with echo=true)", "max_tokens")
+        # prompt only: the engine samples one token, which the answer leaves out
+        max_tokens = 16 if self.max_tokens is None else 1 if self.prompt_only else self.max_tokens
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = max(self.prompt_logprobs, prompt_logprobs or 0)
+        return self._params(max_tokens, self.logprobs, {}, choice, prompt_logprobs)
 
 
 class TextPart(RequestBody):
@@ -150,6 +169,8 @@ class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = None              # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -160,25 +181,27 @@ class ChatMessage(RequestBody):
                     raise ValueError(f"content part of type {part.type!r} is not supported: only text")
         return v
 
-    def as_template_message(self) -> dict[str, str]:
+    def as_template_message(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text or "" for part in content)
         # the templates of small open models know "system" only
-        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         if self.name is not None:  # the participant's name, for templates that show it (as vLLM passes it)
             message["name"] = self.name
+        if self.tool_calls:  # rendered by service.api.tool_calls.template_messages
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, ToolFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -190,20 +213,6 @@ class ChatCompletionRequest(_SamplingFields):
     def _not_empty(cls, v):
         if not v:
             raise ValueError("must hold at least one message")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported: no tool calling; omit tools (or send an empty list)")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v):
-        if v is not None and v not in ("none", "auto"):
-            raise ValueError(f"tool_choice={v!r} is not supported: only 'none' or 'auto' (there are no tools to call)")
         return v
 
     @field_validator("chat_template")
@@ -237,15 +246,16 @@ class ChatCompletionRequest(_SamplingFields):
                 raise RequestError("continue_final_message=true needs the last message to be the assistant's "
                                    f"(it is {self.messages[-1].role!r})", "continue_final_message")
 
-    def to_sampling_params(self, room: int, choice: int = 0) -> SamplingParams:
-        """`room`: tokens left in the context after the prompt, the default max_tokens as in OpenAI."""
+    def to_sampling_params(self, room: int, choice: int = 0, tool_grammar: StructuredOutput | None = None) -> SamplingParams:
+        """`room`: tokens left in the context after the prompt, the default max_tokens as in OpenAI;
+        `tool_grammar`: the grammar tool_choice asks for (service.api.tool_calls)."""
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._params(max(room, 1) if max_tokens is None else max_tokens, logprobs,
-                            {"max_tokens": name, "logprobs": "top_logprobs"}, choice)
+                            {"max_tokens": name, "logprobs": "top_logprobs"}, choice, structured=tool_grammar)
 
 
 # ---- responses ----
@@ -266,6 +276,14 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's, when asked for
+
+    @model_serializer(mode="wrap")
+    def _prompt_logprobs_when_asked(self, handler):
+        data = handler(self)
+        if data.get("prompt_logprobs") is None:
+            data.pop("prompt_logprobs", None)
+        return data
 
 
 class CompletionResponse(BaseModel):
@@ -280,7 +298,15 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_when_made(self, handler):  # OpenAI sends tool_calls only when there are calls
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -303,6 +329,7 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):  # OpenAI sends {"content": "x"}, not {"role": null, ...}

@@ -1,6 +1,7 @@
 """Structured output as the clients ask for it, turned into one StructuredOutput.
 
-OpenAI's `response_format` (text, json_object, json_schema with `strict`), vLLM's `guided_json`,
+OpenAI's `response_format` (text, json_object, json_schema with `strict`; also TGI's grammar shape
+{type: json_object | json | regex, value}, as huggingface_hub sends it), vLLM's `guided_json`,
 `guided_regex`, `guided_choice`, `guided_grammar` and their newer form `structured_outputs`
 ({json | regex | choice | grammar | json_object}); TGI's `grammar` ({type: json | json_schema |
 regex, value}) is in protocol_native. At most one may be given; each is checked against the limits
@@ -28,8 +29,28 @@ class JsonSchemaSpec(RequestBody):
 
 
 class ResponseFormat(RequestBody):
-    type: Literal["text", "json_object", "json_schema"]
+    """OpenAI's {type: text | json_object | json_schema, json_schema}, or TGI's grammar shape
+    {type: json_object | json | regex, value} (what huggingface_hub's chat_completion sends)."""
+    type: Literal["text", "json_object", "json_schema", "json", "regex"]
     json_schema: JsonSchemaSpec | None = None
+    value: str | dict[str, Any] | None = None
+
+    def tgi_spec(self) -> tuple[StructuredOutput, str] | None:
+        """TGI's shape as a spec and its field; None for OpenAI's; RequestError when it is incomplete."""
+        if self.value is None:
+            if self.type in ("json", "regex"):
+                raise RequestError(f"response_format: type {self.type} needs a value (TGI's grammar shape: a "
+                                   f"{'JSON schema' if self.type == 'json' else 'regular expression'})",
+                                   "response_format.value")
+            return None
+        if self.type in ("text", "json_schema"):
+            raise RequestError(f"response_format.value is TGI's grammar field: type must be json_object, json or "
+                               f"regex with it, not {self.type}", "response_format.value")
+        if self.type == "regex":
+            if not isinstance(self.value, str):
+                raise RequestError("response_format.value: type regex needs a string", "response_format.value")
+            return StructuredOutput("regex", self.value), "response_format.value"
+        return json_spec(self.value, "response_format.value"), "response_format.value"
 
 
 class StructuredOutputsSpec(RequestBody):
@@ -88,7 +109,10 @@ class StructuredFields(RequestBody):
                                "(', ' and ': '); omit it", "guided_whitespace_pattern")
         found: list[tuple[StructuredOutput, str]] = []
         fmt = self.response_format
-        if fmt is not None and fmt.type == "json_object":
+        tgi = fmt.tgi_spec() if fmt is not None else None
+        if tgi is not None:
+            found.append(tgi)
+        elif fmt is not None and fmt.type == "json_object":
             found.append((StructuredOutput("json_object"), "response_format"))
         elif fmt is not None and fmt.type == "json_schema":
             spec = fmt.json_schema

@@ -1,7 +1,7 @@
 """The routes: each says only what differs between endpoints; `Pipeline` does the rest.
 
 OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}`;
-Text Generation Inference's `/generate`, `/generate_stream` and `POST /`; `/tokenize`,
+Text Generation Inference's `/generate`, `/generate_stream`, `POST /` and `GET /info`; `/tokenize`,
 `/detokenize`; `/health` and `/metrics` (open to probes and scrapers). `/generate` also takes
 SGLang's shape, and the routes the cache-aware routers read are in service.api.routes_router.
 """
@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from model.sampling_params import SamplingParams
+from service.api.chat_job import chat_job
+from service.api.echo import Echo
 from service.api.errors import APIError
 from service.api.pipeline import Job, Pipeline
 from service.api.protocol_native import (
@@ -31,6 +33,10 @@ from service.api.protocol_structured import StructuredFields
 from service.api.responses import GenerateAnswer, OpenAIAnswer
 from service.api.routes_router import generate_body_class, register_router_routes, sglang_generate
 from service.api.sse import EventStream
+from service.api.state import TGI_PLACEHOLDER_MODELS
+from service.api.tgi_info import tgi_info
+from service.api.tool_stream import ToolAnswer
+from service.engine import RequestError
 
 
 def register_routes(app: FastAPI, pipe: Pipeline) -> None:
@@ -45,16 +51,18 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         return {"structured_output": param} if param else {}
 
     async def openai_answer(request: Request, job: Job, model: str | None, n: int, logprobs: bool,
-                            include_usage: bool, *, chat: bool, stream: bool, continuous_usage: bool = False) -> Response:
+                            include_usage: bool, *, chat: bool, stream: bool, continuous_usage: bool = False,
+                            echo: Echo | None = None, tools: ToolAnswer | None = None) -> Response:
         """Run one OpenAI call's engine requests; answer as one JSON body or as SSE."""
-        model_id = model or state.model_ids()[0]
+        model_id = state.model_ids()[0] if model is None or model in TGI_PLACEHOLDER_MODELS else model
         created = int(time.time())
 
         def answer(rid: str) -> OpenAIAnswer:
             return OpenAIAnswer(id=rid, created=created, model=model_id, n=n, logprobs=logprobs,
                                 include_usage=include_usage, token_strings=token_strings,
                                 token_bytes=tokenizer.token_bytes if chat else None,
-                                system_fingerprint=state.system_fingerprint, continuous_usage=continuous_usage)
+                                system_fingerprint=state.system_fingerprint, continuous_usage=continuous_usage,
+                                echo=echo, tools=tools)
 
         if not stream:
             outputs, rid = await pipe.complete(request, job)
@@ -79,6 +87,11 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/info")
+    async def info(request: Request) -> Response:
+        pipe.admit(request)
+        return JSONResponse(tgi_info(state))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -106,28 +119,23 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         prompts = [await pipe.encode(p) for p in texts]
         job = Job(variant, engine, [ids for ids in prompts for _ in choices], choices * len(prompts), "cmpl", names,
                   pipe.cache_salt(request, body.cache_salt))
+        echo = None
+        if body.echo or body.prompt_logprobs is not None:
+            shown = [t if isinstance(t, str) else await pipe.decode(t) for t in texts]
+            echo = Echo([t for t in shown for _ in choices], job.prompts, body.echo, body.logprobs, body.prompt_logprobs,
+                        body.prompt_only, token_strings, tokenizer.decode)
         return await openai_answer(request, job, body.model, body.n, body.logprobs is not None, body.include_usage,
-                                   chat=False, stream=body.stream, continuous_usage=body.continuous_usage)
+                                   chat=False, stream=body.stream, continuous_usage=body.continuous_usage, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await pipe.read(request, ChatCompletionRequest)
-        variant, engine = pipe.route(body.model)
         names = {"prompt": "messages", "logprobs": "top_logprobs",
                  "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"}
-        with pipe.refusals(variant, names):
-            body.check_continuation()
-            variables = body.template_variables()
-            names |= structured_names(body)
-        ids = await pipe.chat_ids(variant, body.template_messages(), add_generation_prompt=body.add_generation_prompt,
-                                  continue_final_message=body.continue_final_message, variables=variables)
-        top = (body.top_logprobs or 0) if body.logprobs else 0
-        room = pipe.state.limits.default_max_tokens(engine.max_model_len - len(ids), body.n, top)
-        with pipe.refusals(variant, names):
-            params = [body.to_sampling_params(room, c) for c in range(body.n)]
-        job = Job(variant, engine, [ids] * body.n, params, "chatcmpl", names, pipe.cache_salt(request, body.cache_salt))
-        return await openai_answer(request, job, body.model, body.n, body.logprobs, body.include_usage,
-                                   chat=True, stream=body.stream, continuous_usage=body.continuous_usage)
+        work = await chat_job(pipe, request, body, names)
+        return await openai_answer(request, work.job, body.model, body.n, body.logprobs, body.include_usage,
+                                   chat=True, stream=body.stream, continuous_usage=body.continuous_usage,
+                                   tools=work.tools)
 
     async def tgi_generate(request: Request, *, stream: bool | None, as_list: bool = False, sglang: bool = False) -> Response:
         """TGI's generation: `stream` fixed by the route, or None to follow the body's `stream`;
@@ -138,8 +146,12 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         variant, engine = pipe.route(body.model)
         p = body.parameters
         names = GENERATE_NAMES | {"prompt": "inputs", "structured_output": "parameters.grammar.value"}
+        streaming = body.stream if stream is None else stream
         with pipe.refusals(variant, names):
             params: SamplingParams = body.to_sampling_params()
+            if p.decoder_input_details and streaming:  # as TGI answers it
+                raise RequestError("parameters.decoder_input_details=true is not supported when streaming tokens",
+                                   "parameters.decoder_input_details")
         pipe.limit_prompt(variant, [body.inputs], "inputs")
         ids = await pipe.encode(body.inputs)
         if p.truncate is not None and len(ids) > p.truncate:
@@ -148,8 +160,9 @@ def register_routes(app: FastAPI, pipe: Pipeline) -> None:
         answer = GenerateAnswer(prefix=body.inputs if p.return_full_text else "", details=p.details, seed=p.seed,
                                 top_n=p.top_n_tokens or 0, input_length=len(ids), token_strings=token_strings,
                                 special_ids=tokenizer.special_token_ids,
-                                eos_ids=tokenizer.eos_token_ids | frozenset(params.stop_token_ids))
-        if not (body.stream if stream is None else stream):
+                                eos_ids=tokenizer.eos_token_ids | frozenset(params.stop_token_ids),
+                                prompt_ids=ids if p.decoder_input_details else None, decode=tokenizer.decode)
+        if not streaming:
             outputs, _ = await pipe.complete(request, job)
             size = sum(len(out.new_token_ids) for out in outputs[0]) * (1 + (params.logprobs or 0))
 

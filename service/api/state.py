@@ -11,6 +11,9 @@ from service.engine import Engine
 from service.metrics import ServerMetrics
 
 SSE_KEEP_ALIVE_S = 10.0
+# What TGI's clients send as `model` (TGI itself ignores the field): huggingface_hub's
+# InferenceClient sends "dummy" for a base URL, TGI's own docs and examples "tgi".
+TGI_PLACEHOLDER_MODELS = frozenset({"tgi", "dummy"})
 
 
 @dataclass(slots=True)
@@ -28,6 +31,7 @@ class ServerState:
     draining: bool = False
     reject_unknown_fields: bool = False   # unknown body fields: 400 instead of a log line
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*" = any); none = off
+    tool_call_parser: str = "hermes"     # how tool calls are written in the text (service.api.tool_calls)
     sse_keep_alive_s: float = SSE_KEEP_ALIVE_S  # a stream silent this long gets a ": keep-alive" comment
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -54,8 +58,8 @@ class ServerState:
 
     def route(self, model: str | None) -> str:
         """The variant a request's `model` names: `<model>:<variant>`, or the bare model name (or
-        nothing) for the first variant. LookupError for anything else."""
-        if model is None or model == self.model_name:
+        nothing, or a placeholder of TGI's clients) for the first variant. LookupError for anything else."""
+        if model is None or model == self.model_name or model in TGI_PLACEHOLDER_MODELS:
             return self.default_variant
         name, sep, variant = model.rpartition(":")
         if sep and name == self.model_name and variant in self.engines:

@@ -5,7 +5,9 @@ JavaScript, no build step, no external assets, so it works offline): a chat play
 from `/v1/chat/completions` and a live panel per variant. `GET /stats` is that panel's data, the
 numbers /metrics exports in a shape JavaScript reads directly: each variant's KV footprint (bytes
 per token and per block, capacity, blocks used / cached / free), running / waiting, preemptions and
-running token totals (the page turns their differences into tokens/s). Like /health and /metrics,
+running token totals (the page turns their differences into tokens/s), and the TTFT and ITL
+histograms' cumulative buckets (the page's charts draw p50 / p99 over time from them).
+`GET /favicon.ico` is the tab icon (an SVG). Like /health and /metrics,
 both are open without the API key; the page asks for the key when the server wants one and sends it
 on its API calls.
 
@@ -24,10 +26,17 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 if TYPE_CHECKING:
     from service.api.state import ServerState
+
+
+# The tab icon: three stacked KV blocks (browsers ask for /favicon.ico whatever its type)
+FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+               '<rect x="1" y="1" width="14" height="4" rx="1" fill="#e0674b"/>'
+               '<rect x="1" y="6" width="14" height="4" rx="1" fill="#e9b949"/>'
+               '<rect x="1" y="11" width="14" height="4" rx="1" fill="#2f6fde"/></svg>')
 
 
 @cache
@@ -62,6 +71,7 @@ def stats_body(state: ServerState) -> dict:
             "running": s.num_running, "waiting": s.num_waiting, "preemptions": s.num_preemptions,
             "prompt_tokens_total": observer.prompt_tokens_total,
             "generation_tokens_total": observer.generation_tokens_total,
+            "latency_buckets": state.metrics.latency_buckets(variant),
             "kv": {"bytes_per_token": s.bytes_per_token, "bytes_per_block": s.bytes_per_block,
                    "block_size": s.block_size, "num_blocks": s.kv.num_blocks, "capacity_tokens": s.capacity_tokens,
                    "memory_bytes": s.kv_memory_bytes, "stored_tokens": s.kv.stored_tokens,
@@ -76,6 +86,10 @@ def add_ui_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/")
     async def page():
         return HTMLResponse(page_html(), headers=page_headers())
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(FAVICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/stats")
     async def stats():

@@ -61,6 +61,12 @@ def resolve_max_model_len(requested: int | None, context: int, capacity: int) ->
     return requested
 
 
+def _too_long(limit: int) -> str:
+    """The first sentence of OpenAI's context-length error, by which client libraries recognise it
+    (litellm's ContextWindowExceededError, LangChain's context overflow)."""
+    return f"This model's maximum context length is {limit} tokens."
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig, *, name: str = "native",
                  observer: EngineObserver | None = None):
@@ -141,14 +147,18 @@ class Engine:
         if prompt_len == 0:
             raise RequestError("prompt is empty: it must have at least 1 token", "prompt")
         if prompt_len >= limit:  # before the per-token check: a huge prompt costs nothing to refuse
-            raise ContextLengthError(f"prompt has {prompt_len} tokens; max_model_len is {limit}, so at most "
-                               f"{limit - 1} prompt tokens fit", "prompt")
+            raise ContextLengthError(f"{_too_long(limit)} However, the prompt has {prompt_len} tokens; at most "
+                                     f"{limit - 1} fit (max_model_len {limit}, one token left for the completion). "
+                                     "Please reduce the length of the prompt.", "prompt")
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad} is out of range [0, {vocab - 1}]", "prompt")
         if prompt_len + params.max_tokens > limit:
-            raise ContextLengthError(f"max_tokens={params.max_tokens} is too large: with a {prompt_len}-token prompt "
-                               f"it must be in [1, {limit - prompt_len}] (max_model_len {limit})", "max_tokens")
+            raise ContextLengthError(f"{_too_long(limit)} However, you requested {prompt_len + params.max_tokens} "
+                                     f"tokens ({prompt_len} in the prompt, {params.max_tokens} in the completion): "
+                                     f"max_tokens={params.max_tokens} is too large, it must be in "
+                                     f"[1, {limit - prompt_len}] (max_model_len {limit}). Please reduce the length "
+                                     "of the prompt or completion.", "max_tokens")
         bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"stop_token_ids contains {bad}: token ids must be in [0, {vocab - 1}]",

@@ -36,7 +36,7 @@ class OutputProcessor:
                        detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt_token_ids,
                                                           skip_special_tokens=True),
                        on_output=on_output, stop_matcher=StopStringMatcher(params.stop) if params.stop else None,
-                       stop_token_ids=stop_ids)
+                       stop_token_ids=stop_ids, prompt_logprobs=None if params.prompt_logprobs is None else [None])
 
     def on_token(self, req: Request, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         """Append one sampled token; the output says whether the request is now finished."""
@@ -81,6 +81,7 @@ class OutputProcessor:
             finished=reason is not None, finish_reason=reason,
             prompt_tokens=req.num_prompt_tokens, completion_tokens=req.num_output_tokens,
             num_cached_tokens=req.num_cached_tokens, logprobs=logprobs, error=error,
+            prompt_logprobs=req.prompt_logprobs if token_ids and req.num_output_tokens == 1 else None,
             arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
             first_token_time=req.first_token_time, time=now,
         )

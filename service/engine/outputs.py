@@ -24,6 +24,7 @@ class RequestOutput:
     completion_tokens: int
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output, when asked for
     error: str | None = None
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None

@@ -7,7 +7,7 @@ from enum import IntEnum
 
 import torch
 
-from model.sampling_params import SamplingParams
+from model.sampling_params import SamplingParams, TokenLogprob
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.outputs import RequestOutput
 from service.engine.stop_strings import StopStringMatcher
@@ -40,6 +40,7 @@ class Request:
     generator: torch.Generator | None = None    # seeded sampling; used only on the engine thread
     grammar: TokenMatcher | None = None         # structured output: fed every sampled token; released at the end
     cache_salt: bytes | None = None              # prefix-cache tenant: blocks are shared only under equal salts
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs: [None, one per token scored]
     all_token_ids: list[int] = field(default_factory=list)  # prompt then outputs; filled in __post_init__
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

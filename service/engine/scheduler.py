@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kvcache.manager import KVCacheManager
+from service.engine.prompt_logprobs import usable_prefix_tokens
 from service.engine.request import Request, RequestStatus
 
 
@@ -80,6 +81,9 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
             blocks, num_hit = self.kv.get_computed_blocks(req.all_token_ids, req.cache_salt)
+            usable = usable_prefix_tokens(req, num_hit, self.kv.block_size)
+            if usable < num_hit:  # it still needs prompt logprobs of positions the hit would skip
+                blocks, num_hit = blocks[:usable // self.kv.block_size], usable
             num_new = min(req.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(req.request_id, num_hit + num_new, blocks):
                 break

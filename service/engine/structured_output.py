@@ -38,7 +38,7 @@ from service.engine.grammar_workers import CompileBudget, CompilerBusyError, Com
 CACHE_BYTES = 64 << 20
 PROVEN_SPECS = 4096  # keys of specs seen to compile within the budget (32 bytes each)
 SPEC_NAMES = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
-              "grammar": "grammar"}
+              "grammar": "grammar", "structural_tag": "tool-call grammar"}
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -91,6 +91,8 @@ def compile_spec(compiler: Any, kind: str, value: str, strict: bool = False) -> 
             if not choices or not all(isinstance(c, str) and c for c in choices):
                 raise ValueError("choice needs at least one option, each a non-empty string")
             return compiler.compile_grammar(choice_grammar(choices))
+        if kind == "structural_tag":
+            return compiler.compile_structural_tag(value)
         return compiler.compile_grammar(value)
     except (ValueError, RuntimeError) as exc:
         message = _clean(exc)

@@ -55,6 +55,7 @@ OPTIONS = [
     ("--threads", "3", "threads", 3),
     ("--served-model-name", "smol", "served_model_name", "smol"),
     ("--chat-template", "/tmp/t.jinja", "chat_template", "/tmp/t.jinja"),
+    ("--tool-call-parser", "llama3_json", "tool_call_parser", "llama3_json"),
     ("--allowed-origins", "https://a.example,https://b.example", "allowed_origins",
      ("https://a.example", "https://b.example")),
     ("--max-body-bytes", "8MiB", "max_body_bytes", 8 << 20),

@@ -109,7 +109,7 @@ CASES = [
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format.type", "invalid"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens", "invalid"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias", "invalid"),
-    ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "invalid"),
+    ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools.0.function", "invalid"),
     ("/v1/chat/completions", {"messages": MSG, "tool_choice": "required"}, 400, "tool_choice", "invalid"),
     ("/v1/chat/completions", {"messages": MSG, "continue_final_message": True}, 400, "continue_final_message", "invalid"),
     ("/v1/chat/completions", {"messages": MSG, "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs", "invalid"),
@@ -145,7 +145,8 @@ TGI_CASES = [
     ({"inputs": TOO_LONG_PROMPT}, "inputs", "too_long"),
     ({"inputs": "x", "parameters": {"best_of": 2}}, "parameters.best_of", "invalid"),
     ({"inputs": "x", "parameters": {"watermark": True}}, "parameters.watermark", "invalid"),
-    ({"inputs": "x", "parameters": {"decoder_input_details": True}}, "parameters.decoder_input_details", "invalid"),
+    ({"inputs": "x", "stream": True, "parameters": {"decoder_input_details": True}}, "parameters.decoder_input_details",
+     "invalid"),
     ({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "(["}}}, "parameters.grammar.value", "invalid"),
 ]
 

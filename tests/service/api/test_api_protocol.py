@@ -63,7 +63,7 @@ def test_wrong_types_are_400_naming_the_field(body, param):
     ({"prompt": [1, True]}, "prompt"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": MAX_N + 1}, "n"),
-    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
 ])
 def test_bad_values_are_400_naming_the_field(body, param):

@@ -28,7 +28,9 @@ TIMEOUT_S = 60  # a guard against a hung page, not a timing assertion
 
 @pytest.fixture(scope="module")
 def server():
-    with LiveServer("--api-key", KEY, "--kv-cache-memory", "1MiB", "--variants", "native,mqa") as s:
+    # llama3_json: its tool instructions are short enough for the tiny model's 512-token context
+    with LiveServer("--api-key", KEY, "--kv-cache-memory", "1MiB", "--variants", "native,mqa",
+                    "--tool-call-parser", "llama3_json") as s:
         yield s
 
 
@@ -60,6 +62,11 @@ def test_the_page_is_one_self_contained_file(server):
     html = r.text
     assert "<script src" not in html and "<link" not in html and "@import" not in html
     assert "http://" not in html and "https://" not in html  # no external asset, font or API
+
+
+def test_favicon(server):
+    r = httpx.get(server.url("/favicon.ico"))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and r.text.startswith("<svg")
 
 
 def browser(tmp_path: Path):
@@ -149,5 +156,73 @@ def test_chat_streams_and_the_kv_panel_moves(server, tmp_path):
         assert not blocked, blocked
         width = driver.execute_script("return document.querySelector(arguments[0] + ' .bar .cached').style.width", card)
         assert width.endswith("%") and float(width[:-1]) > 0, width
+    finally:
+        driver.quit()
+
+
+def test_playground_schema_tools_and_live_charts(server, tmp_path):
+    import json
+
+    import jsonschema
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = browser(tmp_path)
+    driver.set_window_size(1280, 900)
+    wait = WebDriverWait(driver, TIMEOUT_S, poll_frequency=0.05)
+    rect = "return arguments[0].getBoundingClientRect().toJSON()"
+    try:
+        driver.get(server.url("/"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.card[data-variant="native"]'))
+        chat, seed = (driver.execute_script(rect, driver.find_element(By.ID, i)) for i in ("chat", "seed"))
+        assert chat["left"] <= seed["left"] and seed["right"] <= chat["right"], (seed, chat)  # no overflow at 1280 px
+        driver.find_element(By.ID, "api-key").send_keys(KEY)
+        for field, value in (("temperature", "0"), ("max-tokens", "60")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+
+        def ask(prompt: str):
+            driver.find_element(By.ID, "clear").click()
+            driver.find_element(By.ID, "prompt").send_keys(prompt)
+            driver.find_element(By.ID, "send").click()
+            bubble = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant"))
+            wait.until(lambda d: bubble.get_attribute("data-done"))
+            assert bubble.get_attribute("data-done") == "true", bubble.text
+            return bubble
+
+        # the schema box constrains the answer
+        schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"], "additionalProperties": False}
+        driver.find_element(By.ID, "schema").send_keys(json.dumps(schema))
+        bubble = ask("Answer in JSON")
+        jsonschema.validate(json.loads(driver.execute_script("return arguments[0].querySelector('.text').textContent",
+                                                             bubble)), schema)
+        driver.find_element(By.ID, "schema").clear()
+
+        # the tool list: a required call is shown with its arguments
+        params = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}
+        driver.find_element(By.ID, "tools").send_keys(json.dumps([{"name": "pick", "parameters": params}]))
+        Select(driver.find_element(By.ID, "tool-choice")).select_by_visible_text("required")
+        bubble = ask("Pick one")
+        line = bubble.find_element(By.CSS_SELECTOR, ".tool-call").text
+        assert line.startswith("→ pick(") and line.endswith(")"), line
+        jsonschema.validate(json.loads(line[len("→ pick("):-1]), params)
+        assert "finish: tool_calls" in bubble.find_element(By.CSS_SELECTOR, ".meta").text
+
+        # the live charts drew the traffic: lines with points, pixels on every canvas
+        card = '.card[data-variant="native"]'
+
+        def drawn(d):
+            return all(int(d.find_element(By.CSS_SELECTOR, f'{card} canvas[data-chart="{k}"]').get_attribute(
+                "data-points") or 0) >= 2 for k in ("generation", "ttft", "itl", "kv"))
+        wait.until(drawn)
+        inked = """const c = arguments[0], data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                   let n = 0; for (let i = 3; i < data.length; i += 4) if (data[i] > 0) n++; return n;"""
+        for key in ("generation", "ttft", "itl", "kv"):
+            canvas = driver.find_element(By.CSS_SELECTOR, f'{card} canvas[data-chart="{key}"]')
+            assert driver.execute_script(inked, canvas) > canvas.size["width"], key
+        ttft = driver.find_element(By.CSS_SELECTOR, f'{card} .last[data-chart="ttft"]').text
+        assert ttft.endswith(" ms") and ttft.split(" / ")[0] != "-", ttft
+        driver.save_screenshot(str(ARTIFACTS / "playground-charts.png"))
     finally:
         driver.quit()
