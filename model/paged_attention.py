@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model import kernels
 from model.attention import naive_attention, sdpa_attention
 from model.flash_tiles import DEFAULT_BLOCK_Q, LOG2E, OnlineSoftmax
 from model.paged_plan import PagedPlan
@@ -176,6 +177,8 @@ def paged_sdpa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: Page
 
 
 def paged_kernel_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: PagedPlan) -> Tensor:
+    if not kernels.available():  # loads the library on first use (cached after)
+        raise RuntimeError(f"attention 'kernel': {kernels.unavailable_reason()}")
     out = torch.ops.kvserve.paged_attention(q.to(k_cache.dtype), k_cache, v_cache, plan.meta.block_tables,
                                             plan.seq_of_token, plan.meta.positions, 1.0 / math.sqrt(q.shape[-1]))
     return out.to(q.dtype)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import kernels
 from model.attention import get_attention
 from model.config import ModelConfig
 from model.linear import Embedding, Linear
@@ -42,6 +43,8 @@ class RMSNorm(nn.Module):
     def __init__(self, weight: Tensor, eps: float, kernel: bool = False):
         """kernel: run kvserve's one-op CPU kernel (model/kernels/rms_norm.cpp) when no gradient is wanted."""
         super().__init__()
+        if kernel and not kernels.available():  # loads the library on first use
+            raise RuntimeError(f"RMSNorm kernel: {kernels.unavailable_reason()}")
         self.eps, self.kernel = eps, kernel
         self.weight = nn.Parameter(weight, requires_grad=False)
 

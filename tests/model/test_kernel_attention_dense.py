@@ -20,13 +20,6 @@ def _kernels():
     require_kernels()
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def kernel(q, k_cache, v_cache, meta: PagedMetadata, Hkv: int) -> torch.Tensor:
     plan = PagedPlan.build(meta, n_kv_heads=Hkv, group=q.shape[1] // Hkv, dtype=q.dtype, kernel=True)
     assert not plan.decode_tiles and not plan.prefills  # the kernel's plan builds no tiles

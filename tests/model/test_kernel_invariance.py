@@ -21,14 +21,6 @@ def _kernels():
     require_kernels()
 
 
-@pytest.fixture
-def threads():
-    """Set torch's thread count inside a test; put it back after."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def forms(n: int, k: int, seed: int):
     return [Q4Q8Form(random_q4(n, k, seed)), Q8Q8Form(random_q8(n, k, seed))]
 

@@ -18,7 +18,7 @@ def parse(argv, env=None):
 def test_defaults_are_the_documented_ones():
     args = parse([])
     assert (args.model, args.variants, args.attention, args.dtype, args.device) == (
-        "smollm2-135m", ("native",), "flash", "auto", "cpu")
+        "smollm2-135m", ("native",), "auto", "auto", "cpu")
     assert (args.kv_cache_memory, args.block_size, args.max_model_len, args.max_queue) == (2**30, 16, None, 1024)
     assert (args.host, args.port, args.shutdown_timeout, args.api_key, args.no_prefix_caching) == (
         "127.0.0.1", 8000, 30.0, None, False)

@@ -94,7 +94,7 @@ def test_changed_q_and_o_projections_come_from_the_directory_where_they_differ(c
     assert s0.attention.wq is not n0.attention.wq and s0.attention.wo is n0.attention.wo
     assert s1.attention.wq is n1.attention.wq and s1.attention.wo is not n1.attention.wo
     assert all(n.feed_forward is s.feed_forward for n, s in zip(native.layers, served.layers))
-    own, _ = load_model(path, progress=False)
+    own, _ = load_model(path, quantization="auto", attention="auto", progress=False)  # the weight forms the server runs
     ids = torch.tensor([tokenizer.encode("Queries and outputs trained too.")])
     torch.testing.assert_close(served(ids), own(ids), rtol=0, atol=0)
     for engine in state.engines.values():

@@ -50,8 +50,8 @@ def test_footprint_of_each_variant_equals_the_formula(server):
         labels = infos[0]
         assert labels == {"model_name": "tiny", "variant": variant, "model": "tiny", "n_heads": str(cfg.n_heads), "n_kv_heads": str(n_kv),
                           "head_dim": str(cfg.head_dim), "n_layers": str(cfg.n_layers), "dtype": "float32",
-                          "attention": "flash", "block_size": str(BLOCK),
-                          "weights": "dense; lm head dense"}  # a float32 checkpoint: nothing to run quantized
+                          "attention": "kernel", "block_size": str(BLOCK),  # what --attention auto served
+                          "weights": "f32; lm head f32"}  # a float32 checkpoint: the fixed-order dense kernel
     # the same byte budget holds exactly n_heads = 4x the tokens with MQA as with MHA
     assert only_match(m, "kvserve_kv_cache_capacity_tokens", variant="mqa") == \
         4 * only_match(m, "kvserve_kv_cache_capacity_tokens", variant="mha")
